@@ -1,0 +1,98 @@
+"""Logging for every service: structlog on top of stdlib logging, with secrets masked.
+
+Log lines keep the seed's vocabulary (``[Core] ...``, ``[Bitrix] ...``). The webhook URL is the
+Bitrix24 credential, so every rendered line passes through :func:`mask_secrets`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+import structlog
+
+# `/rest/<user id>/<code>` — the code segment is the secret part of an incoming webhook URL.
+_WEBHOOK_PATH = re.compile(r"(/rest/\d+/)([^/\s?#\"'&]+)")
+_MASK = "***"
+_extra_secrets: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    """Adds a literal value that must never be printed (a token, a password)."""
+    if value and len(value) >= 4:
+        _extra_secrets.add(value)
+
+
+def mask_secrets(text: str) -> str:
+    text = _WEBHOOK_PATH.sub(lambda m: m.group(1) + _MASK, text)
+    for secret in _extra_secrets:
+        text = text.replace(secret, _MASK)
+    return text
+
+
+def _mask_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_secrets(value)
+    if isinstance(value, dict):
+        return {key: _mask_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask_value(item) for item in value]
+    if isinstance(value, BaseException):
+        return mask_secrets(f"{type(value).__name__}: {value}")
+    return value
+
+
+def _mask_processor(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key, value in list(event_dict.items()):
+        event_dict[key] = _mask_value(value)
+    return event_dict
+
+
+class _MaskingFilter(logging.Filter):
+    """Masks secrets in records of third-party loggers (httpx logs request URLs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = mask_secrets(record.getMessage())
+        record.args = None
+        return True
+
+
+def configure_logging(level: str = "INFO", json: bool = False, secrets: Iterable[str] = ()) -> None:
+    for secret in secrets:
+        register_secret(secret)
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=False, pad_event_to=0)
+    )
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        _mask_processor,
+        renderer,
+    ]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.addFilter(_MaskingFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # httpx logs every request URL at INFO: the URL holds the webhook code.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(name)

@@ -1,0 +1,86 @@
+"""All configuration, read from the environment and `.env` (names fixed by the contract)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_STAGES = ["NEW", "IN_PROCESS", "PROCESSED", "JUNK", "CONVERTED"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    # --- Core -----------------------------------------------------------------------------
+    port: int = 3000
+    database_url: str = "postgresql://postgres:postgres@localhost:5432/core_db"
+    core_api_token: SecretStr | None = None
+    default_phone_region: str = "KZ"
+    # Allowed stages; comma-separated in the environment (STAGES=NEW,IN_PROCESS,...).
+    stages: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_STAGES))
+    outbox_batch_size: int = 200
+    outbox_poll_interval_s: float = 1.0
+
+    # --- Messaging ------------------------------------------------------------------------
+    rabbitmq_url: str = "amqp://guest:guest@localhost:5672"
+    rabbitmq_queue: str = "bitrix_queue"
+    rabbitmq_reply_queue: str = "bitrix.responses"
+    rabbitmq_prefetch: int = 50
+
+    # --- Bitrix service -------------------------------------------------------------------
+    redis_url: str = "redis://localhost:6379"
+    bitrix_webhook_url: SecretStr | None = None
+    bitrix_http_port: int = 3001
+    bullmq_queue: str = "bitrix_jobs"
+    bullmq_prefix: str = "bull"
+    job_attempts: int = 3
+    job_backoff_ms: int = 2000
+    job_remove_on_complete: int = 10
+    job_remove_on_fail: int = 5
+    worker_concurrency: int = 10
+    # Bitrix24 stage id for each Core stage; identity for stages not listed (JSON object).
+    stage_map: dict[str, str] = Field(default_factory=dict)
+    originator_id: str = "b24sync"
+    phone_value_type: str = "WORK"
+    bitrix_timeout_s: float = 30.0
+    # Client-side leaky bucket shared by all workers through Redis: Bitrix24's standard plan.
+    bitrix_rate_burst: int = 50
+    bitrix_rate_per_s: float = 2.0
+    shutdown_timeout_s: float = 25.0
+
+    # --- Portal emulator ------------------------------------------------------------------
+    portal_port: int = 3100
+    portal_host: str = "127.0.0.1"
+    portal_webhook: SecretStr = SecretStr("1/b24sync-local")
+    portal_rate_limit: Literal["standard", "enterprise", "off"] = "standard"
+    portal_state_file: str | None = None
+
+    # --- Logging --------------------------------------------------------------------------
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _split_stages(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def portal_webhook_url(self) -> str:
+        """The emulator's own webhook URL, used when no real portal is configured."""
+        return f"http://127.0.0.1:{self.portal_port}/rest/{self.portal_webhook.get_secret_value()}"
+
+    @property
+    def effective_webhook_url(self) -> str:
+        if self.bitrix_webhook_url is not None:
+            return self.bitrix_webhook_url.get_secret_value()
+        return self.portal_webhook_url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

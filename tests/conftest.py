@@ -1,0 +1,56 @@
+"""Fixtures every test shares: settings that isolate a test on the real local services."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator
+from uuid import uuid4
+
+import aio_pika
+import pytest
+
+from b24sync.logs import configure_logging
+from b24sync.settings import Settings
+
+TEST_DATABASE_URL = os.environ.get(
+    "TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/b24sync_test"
+)
+RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+configure_logging("DEBUG")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+async def settings() -> AsyncIterator[Settings]:
+    """One test's settings: own queues, BullMQ prefix and ports; the queues are deleted after."""
+    suffix = uuid4().hex[:10]
+    test_settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        database_url=TEST_DATABASE_URL,
+        rabbitmq_url=RABBITMQ_URL,
+        redis_url=REDIS_URL,
+        rabbitmq_queue=f"test.bitrix_queue.{suffix}",
+        rabbitmq_reply_queue=f"test.bitrix.responses.{suffix}",
+        bullmq_prefix=f"test-{suffix}",
+        port=free_port(),
+        bitrix_http_port=free_port(),
+        portal_port=free_port(),
+        outbox_poll_interval_s=0.2,
+    )
+    yield test_settings
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    async with connection:
+        for name in (test_settings.rabbitmq_queue, test_settings.rabbitmq_reply_queue):
+            channel = await connection.channel()
+            with contextlib.suppress(aio_pika.exceptions.AMQPError):
+                await channel.queue_delete(name)
