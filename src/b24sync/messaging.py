@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
+from weakref import WeakKeyDictionary
 
-from faststream.rabbit import RabbitBroker, RabbitQueue
+from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 
 from b24sync.logs import mask_secrets
 
@@ -13,9 +15,15 @@ def durable_queue(name: str) -> RabbitQueue:
     return RabbitQueue(name, durable=True)
 
 
+# Queues each broker has declared already: publishing to the default exchange does not create
+# the queue, and an unroutable message would be dropped by RabbitMQ.
+_declared: WeakKeyDictionary[RabbitBroker, set[str]] = WeakKeyDictionary()
+
+
 def make_broker(url: str, **kwargs: Any) -> RabbitBroker:
-    """A broker with publisher confirms (FastStream's default channel) and quiet access logs."""
+    """A broker whose publishes wait for the broker's confirm and fail when unroutable."""
     kwargs.setdefault("log_level", 10)  # FastStream's per-message access log is DEBUG noise.
+    kwargs.setdefault("default_channel", Channel(publisher_confirms=True, on_return_raises=True))
     return RabbitBroker(url, **kwargs)
 
 
@@ -28,6 +36,10 @@ async def publish_json(
     correlation_id: str | None = None,
 ) -> None:
     """Publishes a persistent JSON message to a durable queue and waits for the broker's confirm."""
+    declared = _declared.setdefault(broker, set())
+    if queue not in declared:
+        await broker.declare_queue(durable_queue(queue))
+        declared.add(queue)
     await broker.publish(
         body,
         queue=durable_queue(queue),
@@ -41,8 +53,6 @@ async def publish_json(
 
 def describe_url(url: str) -> str:
     """A broker URL fit for a log line: no password, no webhook code."""
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
