@@ -16,6 +16,8 @@ class Settings(BaseSettings):
 
     # --- Core -----------------------------------------------------------------------------
     port: int = 3000
+    # Interface the HTTP servers of Core and the Bitrix service bind to.
+    host: str = "0.0.0.0"  # noqa: S104 - services are meant to be reachable in a container
     database_url: str = "postgresql://postgres:postgres@localhost:5432/core_db"
     core_api_token: SecretStr | None = None
     default_phone_region: str = "KZ"

@@ -1,0 +1,87 @@
+"""The compose file and Dockerfile cannot run here (no Docker engine): check their structure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from b24sync.cli import app
+from b24sync.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+APP_SERVICES = {"migrate", "core", "bitrix", "portal"}
+INFRA_SERVICES = {"postgres", "redis", "rabbitmq"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return loaded
+
+
+def _cli_commands() -> set[str]:
+    return {command.name or command.callback.__name__ for command in app.registered_commands}
+
+
+def test_compose_has_every_service(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == APP_SERVICES | INFRA_SERVICES
+
+
+@pytest.mark.parametrize("name", sorted(INFRA_SERVICES | {"core", "bitrix", "portal"}))
+def test_long_running_services_have_health_checks(compose: dict[str, Any], name: str) -> None:
+    check = compose["services"][name]["healthcheck"]
+    assert check["test"], f"{name} has an empty health check"
+
+
+def test_app_services_run_cli_commands(compose: dict[str, Any]) -> None:
+    commands = _cli_commands()
+    for name in APP_SERVICES:
+        service = compose["services"][name]
+        assert service["build"] == "."
+        assert service["command"][0] in commands, f"{name}: unknown command {service['command']}"
+
+
+def test_environment_names_are_settings(compose: dict[str, Any]) -> None:
+    known = {field.upper() for field in Settings.model_fields}
+    for name in APP_SERVICES:
+        environment = compose["services"][name].get("environment", {})
+        unknown = set(environment) - known
+        assert not unknown, f"{name} sets variables no setting reads: {unknown}"
+
+
+def test_ports_match_the_contract(compose: dict[str, Any]) -> None:
+    defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    expected = {
+        "core": defaults.port,
+        "bitrix": defaults.bitrix_http_port,
+        "portal": defaults.portal_port,
+    }
+    assert expected == {"core": 3000, "bitrix": 3001, "portal": 3100}
+    for name, port in expected.items():
+        assert f"{port}:{port}" in compose["services"][name]["ports"]
+
+
+def test_startup_order(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    core_deps = services["core"]["depends_on"]
+    assert core_deps["migrate"]["condition"] == "service_completed_successfully"
+    assert core_deps["rabbitmq"]["condition"] == "service_healthy"
+    bitrix_deps = services["bitrix"]["depends_on"]
+    assert {"rabbitmq", "redis"} <= set(bitrix_deps)
+
+
+def test_bitrix_defaults_to_the_emulator_inside_compose(compose: dict[str, Any]) -> None:
+    webhook = compose["services"]["bitrix"]["environment"]["BITRIX_WEBHOOK_URL"]
+    portal_env = compose["services"]["portal"]["environment"]
+    assert webhook.endswith(f"http://portal:3100/rest/{portal_env['PORTAL_WEBHOOK']}}}")
+
+
+def test_dockerfile_runs_the_package() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "pip install ." in dockerfile
+    assert 'ENTRYPOINT ["b24sync"]' in dockerfile
+    assert "USER " in dockerfile

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import structlog
+
+from b24sync.logs import configure_logging, get_logger, mask_secrets
+
+WEBHOOK = "https://example.bitrix24.kz/rest/17/sj4byqtjd3p5j3wq/crm.lead.add.json"
+
+
+def test_mask_hides_the_webhook_code() -> None:
+    masked = mask_secrets(f"POST {WEBHOOK} failed")
+    assert "sj4byqtjd3p5j3wq" not in masked
+    assert "/rest/17/***/crm.lead.add.json" in masked
+
+
+def test_log_lines_never_carry_secrets(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("DEBUG", json=True, secrets=["token-value-123"])
+    try:
+        get_logger("test").info(
+            "[Bitrix] Calling Bitrix24 API",
+            url=WEBHOOK,
+            nested={"headers": ["Bearer token-value-123"]},
+            error=RuntimeError(f"connect failed for {WEBHOOK}"),
+        )
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+    finally:
+        structlog.reset_defaults()
+        configure_logging("DEBUG")
+    record = json.loads(line)
+    assert record["event"] == "[Bitrix] Calling Bitrix24 API"
+    assert "sj4byqtjd3p5j3wq" not in line
+    assert "token-value-123" not in line
+    assert record["nested"] == {"headers": ["Bearer ***"]}
