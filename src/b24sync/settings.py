@@ -16,6 +16,7 @@ class Settings(BaseSettings):
 
     # --- Core -----------------------------------------------------------------------------
     port: int = 3000
+    core_host: str = "0.0.0.0"  # noqa: S104 -- a service: reachable from other containers
     # Interface the HTTP servers of Core and the Bitrix service bind to.
     host: str = "0.0.0.0"  # noqa: S104 - services are meant to be reachable in a container
     database_url: str = "postgresql://postgres:postgres@localhost:5432/core_db"
@@ -25,6 +26,10 @@ class Settings(BaseSettings):
     stages: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_STAGES))
     outbox_batch_size: int = 200
     outbox_poll_interval_s: float = 1.0
+    # Uvicorn worker processes; each runs a relay (one publishes at a time) and a reply consumer.
+    core_workers: int = 1
+    db_pool_size: int = 20
+    db_max_overflow: int = 10
 
     # --- Messaging ------------------------------------------------------------------------
     rabbitmq_url: str = "amqp://guest:guest@localhost:5672"
@@ -52,6 +57,23 @@ class Settings(BaseSettings):
     bitrix_rate_burst: int = 50
     bitrix_rate_per_s: float = 2.0
     shutdown_timeout_s: float = 25.0
+    # Waits inside one attempt when Bitrix24 answers with a rate limit: QUERY_LIMIT_EXCEEDED
+    # waits bitrix_limit_wait_s x 1.5^n, OPERATION_TIME_LIMIT until the method's
+    # `operating_reset_at` (or bitrix_operation_limit_wait_s when unknown), each wait capped at
+    # bitrix_limit_max_wait_s; after bitrix_limit_max_waits waits the attempt fails.
+    bitrix_limit_wait_s: float = 1.0
+    bitrix_operation_limit_wait_s: float = 10.0
+    bitrix_limit_max_waits: int = 5
+    bitrix_limit_max_wait_s: float = 60.0  # cap of one wait, whatever the reset time says
+    # BullMQ worker: a job whose lock is not renewed within job_lock_duration_ms (worker died) is
+    # moved back to wait by the stalled-job check that runs every job_stalled_interval_ms.
+    job_lock_duration_ms: int = 30000
+    job_stalled_interval_ms: int = 30000
+    job_max_stalled_count: int = 1
+    # Per-user lock in Redis so that jobs of one user never run at once, across processes.
+    user_lock_ttl_ms: int = 30000
+    user_lock_wait_s: float = 5.0
+    user_busy_delay_ms: int = 1000
 
     # --- Portal emulator ------------------------------------------------------------------
     portal_port: int = 3100
@@ -59,6 +81,21 @@ class Settings(BaseSettings):
     portal_webhook: SecretStr = SecretStr("1/b24sync-local")
     portal_rate_limit: Literal["standard", "enterprise", "off"] = "standard"
     portal_state_file: str | None = None
+    # Overrides of the plan's bucket (burst, drain per second), e.g. a small bucket in tests.
+    portal_rate_burst: int | None = None
+    portal_rate_per_s: float | None = None
+    # Operating-time limit per method over a sliding window; None turns it off. Each call counts
+    # its measured time plus portal_operating_cost_s (simulated execution time).
+    portal_operating_limit_s: float | None = 480.0
+    portal_operating_window_s: float = 600.0
+    portal_operating_cost_s: float = 0.0
+    # Faults injected from the start (changeable at run time through /admin/faults).
+    portal_latency_ms: int = 0
+    portal_error_rate: float = 0.0
+    portal_timeout_rate: float = 0.0
+    portal_timeout_delay_s: float = 35.0
+    portal_outage_s: float = 0.0
+    portal_outage_mode: Literal["html", "connection"] = "html"
 
     # --- Logging --------------------------------------------------------------------------
     log_level: str = "INFO"
