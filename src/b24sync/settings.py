@@ -16,7 +16,6 @@ class Settings(BaseSettings):
 
     # --- Core -----------------------------------------------------------------------------
     port: int = 3000
-    core_host: str = "0.0.0.0"  # noqa: S104 -- a service: reachable from other containers
     # Interface the HTTP servers of Core and the Bitrix service bind to.
     host: str = "0.0.0.0"  # noqa: S104 - services are meant to be reachable in a container
     database_url: str = "postgresql://postgres:postgres@localhost:5432/core_db"
@@ -26,6 +25,8 @@ class Settings(BaseSettings):
     stages: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_STAGES))
     outbox_batch_size: int = 200
     outbox_poll_interval_s: float = 1.0
+    # Connections the relay publishes a batch through (see core/outbox/relay.py).
+    outbox_publish_lanes: int = 4
     # Uvicorn worker processes; each runs a relay (one publishes at a time) and a reply consumer.
     core_workers: int = 1
     db_pool_size: int = 20
@@ -70,7 +71,9 @@ class Settings(BaseSettings):
     job_lock_duration_ms: int = 30000
     job_stalled_interval_ms: int = 30000
     job_max_stalled_count: int = 1
-    # Per-user lock in Redis so that jobs of one user never run at once, across processes.
+    # Jobs of one user run one at a time and in queue order, across processes: a job waits up
+    # to user_lock_wait_s for its turn and the user's lock (TTL user_lock_ttl_ms, renewed while
+    # held), then is postponed by user_busy_delay_ms without spending an attempt.
     user_lock_ttl_ms: int = 30000
     user_lock_wait_s: float = 5.0
     user_busy_delay_ms: int = 1000

@@ -1,0 +1,1 @@
+"""The Bitrix service: RabbitMQ events -> BullMQ jobs -> Bitrix24 leads -> replies."""

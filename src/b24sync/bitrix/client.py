@@ -1,0 +1,270 @@
+"""Bitrix24 REST client over an incoming webhook.
+
+`BitrixClient.call(method, params)` returns the method's `result` or raises `BitrixError`.
+Errors are classified by Bitrix24's `error` code (HTTP statuses lie: real portals answer 401 for
+codes documented as 403). Rate-limit answers are waited out inside the call; every other
+transient failure is left to the job's retries.
+
+The webhook URL holds the secret code, so no message, log line or exception built here contains
+the URL: they name the REST method instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import time
+from typing import Any
+
+import httpx
+
+from b24sync.bitrix import metrics
+from b24sync.bitrix.ratelimit import RateLimiter
+from b24sync.logs import get_logger
+
+log = get_logger(__name__)
+
+QUERY_LIMIT_EXCEEDED = "QUERY_LIMIT_EXCEEDED"
+OPERATION_TIME_LIMIT = "OPERATION_TIME_LIMIT"
+RATE_LIMIT_CODES = frozenset({QUERY_LIMIT_EXCEEDED, OPERATION_TIME_LIMIT})
+TRANSIENT_CODES = RATE_LIMIT_CODES | {"INTERNAL_SERVER_ERROR", "ERROR_UNEXPECTED_ANSWER"}
+# Never retried even when they come with a 5xx status: a human has to act.
+PERMANENT_CODES = frozenset(
+    {
+        "OVERLOAD_LIMIT",
+        "PORTAL_DELETED",
+        "NO_AUTH_FOUND",
+        "INVALID_CREDENTIALS",
+        "expired_token",
+        "invalid_token",
+        "insufficient_scope",
+        "ACCESS_DENIED",
+        "user_access_error",
+        "ERROR_METHOD_NOT_FOUND",
+        "INVALID_REQUEST",
+        "ERROR_BATCH_LENGTH_EXCEEDED",
+    }
+)
+# Codes of failures that happen before Bitrix24 answers at all.
+NETWORK_ERROR = "NETWORK_ERROR"
+TIMEOUT = "TIMEOUT"
+INVALID_RESPONSE = "INVALID_RESPONSE"
+# asyncio folds per-address connect failures into "Multiple exceptions: [Errno 111] ...".
+_ERRNO = re.compile(r"\[Errno (\d+)\]")
+
+
+class BitrixError(Exception):
+    """A failed Bitrix24 call. `code` is Bitrix24's `error` ("" for CRM business errors such as
+    `Not found`) or one of NETWORK_ERROR / TIMEOUT / INVALID_RESPONSE / HTTP_<status>."""
+
+    def __init__(
+        self,
+        method: str,
+        code: str,
+        description: str,
+        *,
+        http_status: int | None,
+        transient: bool,
+        retry_after_s: float | None = None,
+    ) -> None:
+        self.method = method
+        self.code = code
+        self.description = description
+        self.http_status = http_status
+        self.transient = transient
+        self.retry_after_s = retry_after_s
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        code = f"{self.code}: " if self.code else ""
+        return f"{self.method}: {code}{self.description}"
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.code in RATE_LIMIT_CODES
+
+    @property
+    def not_found(self) -> bool:
+        """The CRM's "no such item" answer (empty code, `Not found`)."""
+        return self.code == "" and "not found" in self.description.lower()
+
+
+def is_transient(code: str, http_status: int) -> bool:
+    if code in TRANSIENT_CODES:
+        return True
+    if code in PERMANENT_CODES:
+        return False
+    return http_status >= 500
+
+
+class BitrixClient:
+    def __init__(
+        self,
+        webhook_url: str,
+        *,
+        limiter: RateLimiter | None,
+        timeout_s: float,
+        limit_wait_s: float,
+        operation_limit_wait_s: float,
+        max_limit_waits: int,
+        max_limit_wait_s: float = 60.0,
+    ) -> None:
+        self._base_url = webhook_url.rstrip("/")
+        self._limiter = limiter
+        self._timeout_s = timeout_s
+        self._limit_wait_s = limit_wait_s
+        self._operation_limit_wait_s = operation_limit_wait_s
+        self._max_limit_waits = max_limit_waits
+        self._max_limit_wait_s = max_limit_wait_s
+        # Per method: when Bitrix24 said its operating-time counter resets (unix seconds).
+        self._operating_reset_at: dict[str, float] = {}
+        # Redirects are not followed: a moved portal would turn the POST into a GET.
+        self._http = httpx.AsyncClient(timeout=timeout_s, follow_redirects=False)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        """Calls a REST method and returns its `result`."""
+        return (await self.request(method, params))["result"]
+
+    async def request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Calls a REST method and returns the whole answer (`result`, `time`, ...).
+
+        Rate-limit answers do not fail the call: it waits for the limit to clear and tries again,
+        at most `max_limit_waits` times.
+        """
+        waits = 0
+        while True:
+            try:
+                return await self._request_once(method, params or {})
+            except BitrixError as err:
+                if not err.rate_limited or waits >= self._max_limit_waits:
+                    raise
+                delay_s = min(self._limit_delay_s(err, waits), self._max_limit_wait_s)
+                waits += 1
+                log.warning(
+                    f"[Bitrix] {method} hit the Bitrix24 limit ({err.code}), "
+                    f"waiting {delay_s:.1f}s ({waits}/{self._max_limit_waits})"
+                )
+                if err.code == QUERY_LIMIT_EXCEEDED and self._limiter is not None:
+                    await self._limiter.fill()
+                await asyncio.sleep(delay_s)
+
+    def _limit_delay_s(self, err: BitrixError, waits: int) -> float:
+        if err.retry_after_s is not None:
+            return err.retry_after_s
+        if err.code == OPERATION_TIME_LIMIT:
+            return self._operation_limit_wait_s
+        # Bucket overflow: one slot drains quickly; back off further if it keeps happening.
+        return float(self._limit_wait_s * 1.5**waits)
+
+    async def _request_once(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        if self._limiter is not None:
+            await self._limiter.acquire()
+        started = time.monotonic()
+        code = "OK"
+        try:
+            try:
+                response = await self._http.post(f"{self._base_url}/{method}", json=params)
+            except httpx.TimeoutException as exc:
+                raise BitrixError(
+                    method,
+                    TIMEOUT,
+                    f"no answer within {self._timeout_s:g}s ({type(exc).__name__}); "
+                    "the call may still have taken effect",
+                    http_status=None,
+                    transient=True,
+                ) from None
+            except httpx.TransportError as exc:
+                raise BitrixError(
+                    method,
+                    NETWORK_ERROR,
+                    f"cannot reach Bitrix24 ({_network_reason(exc)})",
+                    http_status=None,
+                    transient=True,
+                ) from None
+            return self._parse(method, response)
+        except BitrixError as err:
+            code = err.code or "EMPTY"
+            raise
+        finally:
+            metrics.API_CALLS.labels(method=method, code=code).inc()
+            metrics.API_CALL_SECONDS.labels(method=method).observe(time.monotonic() - started)
+
+    def _parse(self, method: str, response: httpx.Response) -> dict[str, Any]:
+        status = response.status_code
+        if 300 <= status < 400:
+            raise BitrixError(
+                method,
+                f"HTTP_{status}",
+                "the portal answered with a redirect; has its address changed?",
+                http_status=status,
+                transient=False,
+            )
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            # HTML error pages of proxies and of the portal itself.
+            content_type = response.headers.get("content-type", "unknown").split(";")[0]
+            raise BitrixError(
+                method,
+                INVALID_RESPONSE,
+                f"HTTP {status} answer is not a JSON object ({content_type})",
+                http_status=status,
+                transient=True,
+            )
+        if "error" in body:
+            code = str(body.get("error") or "")
+            raise BitrixError(
+                method,
+                code,
+                str(body.get("error_description") or "no description"),
+                http_status=status,
+                transient=is_transient(code, status),
+                retry_after_s=self._operation_reset_in_s(method)
+                if code == OPERATION_TIME_LIMIT
+                else None,
+            )
+        if status != 200 or "result" not in body:
+            raise BitrixError(
+                method,
+                f"HTTP_{status}",
+                "answer without a result",
+                http_status=status,
+                transient=status >= 500,
+            )
+        self._remember_operating_reset(method, body.get("time"))
+        return body
+
+    def _remember_operating_reset(self, method: str, timing: Any) -> None:
+        # Every `time` field is optional; `operating_reset_at` tells when a 429 would clear.
+        if isinstance(timing, dict) and isinstance(timing.get("operating_reset_at"), int | float):
+            self._operating_reset_at[method] = float(timing["operating_reset_at"])
+
+    def _operation_reset_in_s(self, method: str) -> float | None:
+        reset_at = self._operating_reset_at.get(method)
+        if reset_at is None or reset_at <= time.time():
+            return None
+        return reset_at - time.time()
+
+
+def _network_reason(exc: BaseException) -> str:
+    """The OS-level reason of a transport error (`ConnectError: Connection refused`), built from
+    errno alone: the messages of the underlying errors can carry hosts and URLs."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, socket.gaierror) and seen.strerror:
+            return f"{type(exc).__name__}: {seen.strerror}"
+        if isinstance(seen, OSError):
+            number = seen.errno
+            if number is None and (found := _ERRNO.search(str(seen))):
+                number = int(found.group(1))
+            if number is not None:
+                return f"{type(exc).__name__}: {os.strerror(number)}"
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__

@@ -1,0 +1,76 @@
+"""Client-side leaky bucket in front of Bitrix24, shared by every worker and process via Redis.
+
+Bitrix24 counts requests per portal and source IP: each request adds one to a counter that drains
+at `rate_per_s`; above `burst` the portal answers 503 QUERY_LIMIT_EXCEEDED. Keeping our own count
+in one Redis key makes all workers on this host slow down together instead of each of them hitting
+the portal's limit. A `batch` of up to 50 commands counts as one request, so it acquires cost 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+from redis.asyncio import Redis
+
+# KEYS[1] the bucket hash {level, ts}; ARGV: burst, rate per second, cost.
+# Returns 0 when the cost was taken, otherwise the milliseconds to wait before trying again.
+# Time comes from the Redis server so that clocks of the callers do not matter.
+_ACQUIRE = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local burst = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'level', 'ts')
+local level = tonumber(state[1]) or 0
+local ts = tonumber(state[2]) or now
+level = math.max(0, level - math.max(0, now - ts) * rate)
+if level + cost <= burst then
+  level = level + cost
+  redis.call('HSET', KEYS[1], 'level', tostring(level), 'ts', tostring(now))
+  redis.call('PEXPIRE', KEYS[1], math.ceil(level / rate * 1000) + 1000)
+  return 0
+end
+return math.ceil((level + cost - burst) / rate * 1000)
+"""
+
+# Marks the bucket full: the portal said it is over its limit, whatever our count says.
+_FILL = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+redis.call('HSET', KEYS[1], 'level', ARGV[1], 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) / tonumber(ARGV[2]) * 1000) + 1000)
+return 0
+"""
+
+
+class RateLimiter:
+    def __init__(self, redis: Redis, key: str, *, burst: int, rate_per_s: float) -> None:
+        if burst < 1 or rate_per_s <= 0:
+            raise ValueError("the rate limit needs burst >= 1 and rate_per_s > 0")
+        self._redis = redis
+        self._key = key
+        self._burst = burst
+        self._rate_per_s = rate_per_s
+        self._acquire_script: Any = redis.register_script(_ACQUIRE)
+        self._fill_script: Any = redis.register_script(_FILL)
+
+    async def try_acquire(self, cost: int = 1) -> float:
+        """Takes `cost` slots if free and returns 0, else returns the seconds to wait."""
+        if not 1 <= cost <= self._burst:
+            raise ValueError(f"cost must be between 1 and {self._burst}")
+        wait_ms = await self._acquire_script(
+            keys=[self._key], args=[self._burst, self._rate_per_s, cost]
+        )
+        return int(wait_ms) / 1000
+
+    async def acquire(self, cost: int = 1) -> None:
+        """Waits until `cost` slots are free and takes them."""
+        while (wait_s := await self.try_acquire(cost)) > 0:  # noqa: ASYNC110 - polling Redis
+            # Jitter spreads out workers that were told the same wait.
+            await asyncio.sleep(wait_s + random.uniform(0, 0.05))
+
+    async def fill(self) -> None:
+        await self._fill_script(keys=[self._key], args=[self._burst, self._rate_per_s])

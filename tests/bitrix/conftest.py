@@ -1,0 +1,260 @@
+"""Fixtures of the Bitrix service tests: the emulator, raw RabbitMQ access, services in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aio_pika
+import httpx
+import pytest
+from pamqp import commands as spec
+from redis.asyncio import Redis
+
+from b24sync.bitrix.main import BitrixService
+from b24sync.portal.main import PortalServer
+from b24sync.settings import Settings
+from tests.conftest import free_port
+
+# Fast retries and short locks, so that a test waits for behaviour, not for production timings.
+FAST: dict[str, Any] = {
+    "job_backoff_ms": 50,
+    "bitrix_timeout_s": 5.0,
+    "bitrix_limit_wait_s": 0.05,
+    "bitrix_operation_limit_wait_s": 0.1,
+    "user_lock_ttl_ms": 2000,
+    "user_busy_delay_ms": 100,
+    "shutdown_timeout_s": 5.0,
+    "portal_rate_limit": "off",
+}
+
+SEED_CREATE: dict[str, Any] = {
+    "pattern": "user_created",
+    "data": {
+        "action": "create_card",
+        "user": {"id": 123, "full_name": "Иван Иванов", "phone": "+77001112233", "stage": "NEW"},
+        "replyQueue": "bitrix.responses",
+    },
+}
+SEED_UPDATE: dict[str, Any] = {
+    "pattern": "user_updated",
+    "data": {
+        "action": "update_card",
+        "user": {
+            "id": 123,
+            "full_name": "Иван Петров",
+            "phone": "+77001112233",
+            "stage": "IN_PROCESS",
+        },
+        "replyQueue": "bitrix.responses",
+    },
+}
+SEED_MOVE: dict[str, Any] = {
+    "pattern": "user_moved",
+    "data": {
+        "action": "move_card",
+        "user": {
+            "id": 123,
+            "full_name": "Иван Петров",
+            "phone": "+77001112233",
+            "stage": "CONVERTED",
+        },
+        "replyQueue": "bitrix.responses",
+    },
+}
+
+
+def event(
+    action: str, user_id: int, *, reply_queue: str, version: int | None = None, **user: Any
+) -> dict[str, Any]:
+    """An event in the seed's envelope; `user` fields default to a complete user."""
+    pattern = {"create_card": "user_created", "update_card": "user_updated"}.get(
+        action, "user_moved"
+    )
+    body_user: dict[str, Any] = {
+        "id": user_id,
+        "full_name": "Иван Иванов",
+        "phone": "+77001112233",
+        "stage": "NEW",
+        **user,
+    }
+    if version is not None:
+        body_user["version"] = version
+    return {
+        "pattern": pattern,
+        "data": {"action": action, "user": body_user, "replyQueue": reply_queue},
+    }
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], wait_s: float = 20.0) -> None:
+    """Waits until `check()` holds (state of another task or process), failing after `wait_s`."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{check} did not hold within {wait_s}s")
+        await asyncio.sleep(0.05)
+
+
+class _NoMessageId(spec.Basic.Properties):
+    """Properties that keep `message_id` unset: aiormq fills in a random one otherwise."""
+
+    @property
+    def message_id(self) -> None:
+        return None
+
+    @message_id.setter
+    def message_id(self, _value: object) -> None:
+        pass
+
+
+class Bus:
+    """Raw AMQP access, as an outside producer and the reply consumer would have it."""
+
+    def __init__(self, settings: Settings, channel: aio_pika.abc.AbstractChannel) -> None:
+        self.settings = settings
+        self.channel = channel
+        self._replies: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+
+    async def open(self) -> None:
+        await self.channel.declare_queue(self.settings.rabbitmq_queue, durable=True)
+        reply_queue = await self.channel.declare_queue(
+            self.settings.rabbitmq_reply_queue, durable=True
+        )
+        await reply_queue.consume(self._on_reply, no_ack=True)
+
+    async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        await self._replies.put(message)
+
+    async def publish(self, body: dict[str, Any] | bytes, *, message_id: str | None = None) -> None:
+        """Publishes an event; without `message_id` the message carries none, as the seed's
+        NestJS Core (amqplib) sends it."""
+        raw = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()
+        properties = (
+            _NoMessageId
+            if message_id is None
+            else functools.partial(spec.Basic.Properties, message_id=message_id)
+        )(content_type="application/json", delivery_mode=2)
+        channel = await self.channel.get_underlay_channel()
+        await channel.basic_publish(
+            raw, exchange="", routing_key=self.settings.rabbitmq_queue, properties=properties
+        )
+
+    async def reply_message(self, wait_s: float = 20.0) -> aio_pika.abc.AbstractIncomingMessage:
+        return await asyncio.wait_for(self._replies.get(), wait_s)
+
+    async def reply(self, wait_s: float = 20.0) -> dict[str, Any]:
+        message = await self.reply_message(wait_s)
+        body: dict[str, Any] = json.loads(message.body)
+        return body
+
+    async def replies(self, count: int, wait_s: float = 20.0) -> list[dict[str, Any]]:
+        return [await self.reply(wait_s) for _ in range(count)]
+
+    async def assert_no_reply(self, within: float = 1.0) -> None:
+        await asyncio.sleep(within)
+        assert self._replies.empty(), "an unexpected extra reply arrived"
+
+    async def pending_events(self) -> int:
+        queue = await self.channel.declare_queue(
+            self.settings.rabbitmq_queue, durable=True, passive=True
+        )
+        return queue.declaration_result.message_count or 0
+
+
+class Admin:
+    """The emulator's admin API."""
+
+    def __init__(self, http: httpx.AsyncClient, webhook_url: str) -> None:
+        self.http = http
+        self.webhook_url = webhook_url
+
+    async def leads(self) -> list[dict[str, Any]]:
+        response = await self.http.get("/admin/leads")
+        response.raise_for_status()
+        leads: list[dict[str, Any]] = response.json()
+        return leads
+
+    async def stats(self) -> dict[str, Any]:
+        response = await self.http.get("/admin/stats")
+        response.raise_for_status()
+        stats: dict[str, Any] = response.json()
+        return stats
+
+    async def script(self, **entry: Any) -> None:
+        response = await self.http.post("/admin/faults/script", json=entry)
+        response.raise_for_status()
+
+    async def rest(self, method: str, params: dict[str, Any]) -> Any:
+        """A REST call as someone else working in the portal would make it."""
+        response = await self.http.post(f"{self.webhook_url}/{method}", json=params)
+        response.raise_for_status()
+        return response.json()["result"]
+
+
+@pytest.fixture
+def fast_settings(settings: Settings) -> Settings:
+    return settings.model_copy(update=FAST)
+
+
+@pytest.fixture
+async def redis_client(settings: Settings) -> AsyncIterator[Redis]:
+    client = Redis.from_url(settings.redis_url, decode_responses=True)
+    yield client
+    # Everything the test left in Redis: BullMQ's keys and ours share the prefix.
+    keys = [key async for key in client.scan_iter(match=f"{settings.bullmq_prefix}:*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture
+async def portal(fast_settings: Settings) -> AsyncIterator[PortalServer]:
+    async with PortalServer(fast_settings) as server:
+        yield server
+
+
+@pytest.fixture
+async def admin(portal: PortalServer, fast_settings: Settings) -> AsyncIterator[Admin]:
+    async with httpx.AsyncClient(base_url=portal.base_url, timeout=10) as http:
+        yield Admin(http, fast_settings.portal_webhook_url)
+
+
+@pytest.fixture
+async def bus(settings: Settings) -> AsyncIterator[Bus]:
+    connection = await aio_pika.connect(settings.rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        bus = Bus(settings, channel)
+        await bus.open()
+        yield bus
+
+
+ServiceFactory = Callable[..., Awaitable[BitrixService]]
+
+
+@pytest.fixture
+async def start_service(
+    fast_settings: Settings, redis_client: Redis
+) -> AsyncIterator[ServiceFactory]:
+    """Starts Bitrix services in this process (`await start_service(**setting_overrides)`)."""
+    services: list[BitrixService] = []
+
+    async def start(**overrides: Any) -> BitrixService:
+        # Each service of the test gets its own health port.
+        port = {"bitrix_http_port": free_port()} if services else {}
+        service = BitrixService(fast_settings.model_copy(update={**port, **overrides}))
+        await service.start()
+        services.append(service)
+        return service
+
+    yield start
+    for service in services:
+        await service.stop()
+
+
+@pytest.fixture
+async def service(start_service: ServiceFactory, portal: PortalServer) -> BitrixService:
+    return await start_service()

@@ -1,0 +1,215 @@
+"""`b24sync bitrix` as a real process: the seed's retry schedule, secrets kept out of the output,
+SIGTERM, and a worker killed in the middle of a job."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from b24sync.portal.main import PortalServer
+from b24sync.settings import Settings
+from tests.conftest import free_port
+
+from .conftest import SEED_CREATE, Admin, Bus, event, eventually
+
+B24SYNC = str(Path(sys.executable).parent / "b24sync")
+
+
+class BitrixProcess:
+    """One `b24sync bitrix` process with its output collected line by line."""
+
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        self.env = env
+        self.cwd = cwd
+        self.lines: list[str] = []
+        self.process: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            B24SYNC,
+            "bitrix",
+            env=self.env,
+            cwd=self.cwd,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        self._reader = asyncio.create_task(self._read())
+        await self.wait_for("[Bitrix] Service started")
+
+    async def _read(self) -> None:
+        assert self.process is not None
+        assert self.process.stdout is not None
+        async for line in self.process.stdout:
+            self.lines.append(line.decode(errors="replace").rstrip())
+
+    async def wait_for(self, text: str, wait_s: float = 20.0) -> None:
+        async def printed() -> bool:
+            if self.process is not None and self.process.returncode is not None:
+                raise AssertionError(f"the process exited:\n{self.output}")
+            return text in self.output
+
+        await eventually(printed, wait_s)
+
+    async def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        assert self.process is not None
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+        code = await asyncio.wait_for(self.process.wait(), 30)
+        if self._reader is not None:
+            await self._reader
+        return code
+
+
+@pytest.fixture
+async def spawn(
+    fast_settings: Settings, tmp_path: Path
+) -> AsyncIterator[Callable[..., BitrixProcess]]:
+    """Builds `b24sync bitrix` processes on this test's queues (`spawn(VARIABLE=value)`)."""
+    processes: list[BitrixProcess] = []
+    base_env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("BITRIX_", "RABBITMQ_", "REDIS_", "BULLMQ_", "JOB_", "PORTAL_"))
+    }
+    settings = fast_settings
+    base_env |= {
+        "RABBITMQ_URL": settings.rabbitmq_url,
+        "RABBITMQ_QUEUE": settings.rabbitmq_queue,
+        "RABBITMQ_REPLY_QUEUE": settings.rabbitmq_reply_queue,
+        "REDIS_URL": settings.redis_url,
+        "BULLMQ_PREFIX": settings.bullmq_prefix,
+        "PORTAL_PORT": str(settings.portal_port),
+        "LOG_LEVEL": "INFO",
+    }
+
+    def make(**env: Any) -> BitrixProcess:
+        full_env = base_env | {"BITRIX_HTTP_PORT": str(free_port())}
+        full_env |= {key: str(value) for key, value in env.items()}
+        process = BitrixProcess(full_env, tmp_path)
+        processes.append(process)
+        return process
+
+    yield make
+    for process in processes:
+        if process.process is not None and process.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.process.kill()
+            await process.process.wait()
+
+
+def in_order(output: str, *fragments: str) -> None:
+    """Every fragment appears in `output`, each after the previous one."""
+    position = 0
+    for fragment in fragments:
+        found = output.find(fragment, position)
+        assert found >= 0, f"{fragment!r} not found after position {position} in:\n{output}"
+        position = found + len(fragment)
+
+
+async def test_the_seed_retry_schedule_against_an_unreachable_portal(
+    spawn: Callable[..., BitrixProcess], bus: Bus, settings: Settings, redis_client: object
+) -> None:
+    secret = "sj4byqtjd3p5j3wq"
+    worker = spawn(
+        BITRIX_WEBHOOK_URL=f"http://127.0.0.1:{free_port()}/rest/1/{secret}/",
+        JOB_BACKOFF_MS=2000,  # the seed's schedule: retries after 2 s and 4 s
+    )
+    await worker.start()
+    body = dict(
+        SEED_CREATE, data={**SEED_CREATE["data"], "replyQueue": settings.rabbitmq_reply_queue}
+    )
+    await bus.publish(body)
+
+    reply = (await bus.reply(wait_s=30))["data"]
+    assert reply["status"] == "error"
+    assert reply["attempts"] == 3
+    assert reply["error_code"] == "NETWORK_ERROR"
+    assert reply["reason"] == (
+        "crm.lead.list: NETWORK_ERROR: cannot reach Bitrix24 (ConnectError: Connection refused)"
+    )
+    await worker.wait_for("failed: ")
+    assert await worker.stop() == 0
+
+    queue = settings.rabbitmq_reply_queue
+    in_order(
+        worker.output,
+        "[Bitrix] Received user_created event: ",
+        "[Bitrix] Job added to queue with ID: ",
+        "[Bitrix] Processing bitrix_job (attempt 1/3)",
+        "[Bitrix] Calling Bitrix24 API with action: create_card (attempt 1)",
+        "[Bitrix] Error processing job (attempt 1/3): crm.lead.list: NETWORK_ERROR",
+        "[Bitrix] Will retry in 2000ms",
+        "[Bitrix] Processing bitrix_job (attempt 2/3)",
+        "[Bitrix] Calling Bitrix24 API with action: create_card (attempt 2)",
+        "[Bitrix] Error processing job (attempt 2/3): ",
+        "[Bitrix] Will retry in 4000ms",
+        "[Bitrix] Processing bitrix_job (attempt 3/3)",
+        "[Bitrix] Calling Bitrix24 API with action: create_card (attempt 3)",
+        "[Bitrix] Error processing job (attempt 3/3): ",
+        "[Bitrix] All retry attempts exhausted, sending error reply",
+        f"[Bitrix] Reply sent to queue: {queue}",
+        "[Bitrix] Job ",
+        " failed: crm.lead.list: NETWORK_ERROR",
+        "[Bitrix] Service stopped",
+    )
+    assert secret not in worker.output
+    assert "/rest/1/***" in worker.output  # the start line names the portal, masked
+
+
+async def test_a_worker_killed_mid_call_ends_in_one_lead_and_one_reply(
+    spawn: Callable[..., BitrixProcess],
+    portal: PortalServer,
+    admin: Admin,
+    bus: Bus,
+    settings: Settings,
+    redis_client: object,
+) -> None:
+    # Short locks so that the stalled-job check and the per-user lock notice the death quickly.
+    timings = {
+        "JOB_LOCK_DURATION_MS": 1000,
+        "JOB_STALLED_INTERVAL_MS": 500,
+        "USER_LOCK_TTL_MS": 1500,
+        "USER_BUSY_DELAY_MS": 200,
+        "JOB_BACKOFF_MS": 50,
+    }
+    first = spawn(**timings)
+    await first.start()
+    # The lead gets written, then the answer hangs: the worker is mid-call when it dies.
+    await admin.script(method="crm.lead.add", times=1, kind="timeout_after_write", delay_s=60)
+    await bus.publish(
+        event("create_card", 99, reply_queue=settings.rabbitmq_reply_queue), message_id="evt-99"
+    )
+
+    async def lead_written() -> bool:
+        return bool(await admin.leads())
+
+    await eventually(lead_written)
+    assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    second = spawn(**timings)
+    await second.start()
+    message = await bus.reply_message(wait_s=30)
+    await second.wait_for("[Bitrix] Job evt-99 completed after 1 attempt(s)")
+    assert await second.stop() == 0
+
+    (lead,) = await admin.leads()
+    reply = json.loads(message.body)["data"]
+    assert message.correlation_id == "evt-99"
+    assert (reply["status"], reply["bitrix_lead_id"]) == ("success", int(lead["ID"]))
+    await bus.assert_no_reply(within=0.5)
+    assert "[Bitrix] Job evt-99 stalled" in second.output
+    assert "b24sync-local" not in first.output + second.output

@@ -1,0 +1,397 @@
+"""One lead per user and one final reply per event, whatever the order, duplicates and failures."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from typing import Any
+
+import aio_pika
+from bullmq import Queue
+from prometheus_client import REGISTRY
+from redis.asyncio import Redis
+
+from b24sync.bitrix.jobs import JOB_NAME, JobPayload, job_options
+from b24sync.bitrix.main import BitrixService
+from b24sync.contracts.messages import Event
+from b24sync.settings import Settings
+
+from .conftest import Admin, Bus, ServiceFactory, event, eventually
+
+
+async def test_update_before_create_creates_the_lead_once(
+    service: BitrixService, bus: Bus, admin: Admin, settings: Settings
+) -> None:
+    queue = settings.rabbitmq_reply_queue
+    await bus.publish(event("update_card", 7, reply_queue=queue, full_name="Иван Петров"))
+    first = await bus.reply()
+    await bus.publish(event("create_card", 7, reply_queue=queue, full_name="Иван Петров"))
+    second = await bus.reply()
+
+    (lead,) = await admin.leads()
+    assert first["data"]["status"] == second["data"]["status"] == "success"
+    assert first["data"]["bitrix_lead_id"] == second["data"]["bitrix_lead_id"] == int(lead["ID"])
+    # The upsert wrote every field, not just the changed ones.
+    assert (lead["TITLE"], lead["STATUS_ID"], lead["ORIGIN_ID"]) == ("Иван Петров", "NEW", "7")
+    assert [p["VALUE"] for p in lead["PHONE"]] == ["+77001112233"]
+
+
+async def test_move_before_create_creates_the_lead(
+    service: BitrixService, bus: Bus, admin: Admin, settings: Settings
+) -> None:
+    await bus.publish(
+        event("move_card", 8, reply_queue=settings.rabbitmq_reply_queue, stage="CONVERTED")
+    )
+    reply = await bus.reply()
+    (lead,) = await admin.leads()
+    assert reply["data"]["bitrix_lead_id"] == int(lead["ID"])
+    assert (lead["STATUS_ID"], lead["TITLE"]) == ("CONVERTED", "Иван Иванов")
+
+
+async def test_a_duplicate_message_id_makes_one_job(
+    service: BitrixService, bus: Bus, admin: Admin, settings: Settings
+) -> None:
+    body = event("create_card", 11, reply_queue=settings.rabbitmq_reply_queue)
+    await bus.publish(body, message_id="evt-11")
+    await bus.publish(body, message_id="evt-11")
+    reply = await bus.reply()
+    assert reply["data"]["status"] == "success"
+    await bus.assert_no_reply(within=1.0)
+    assert len(await admin.leads()) == 1
+    assert (await admin.stats())["by_method"]["crm.lead.add"] == {"ok": 1}
+
+
+async def test_a_redelivery_without_message_id_does_not_make_a_second_job(
+    start_service: ServiceFactory,
+    portal: object,
+    bus: Bus,
+    admin: Admin,
+    settings: Settings,
+    fast_settings: Settings,
+) -> None:
+    """A consumer added the job and died before the ack: RabbitMQ redelivers the message."""
+    body = event("create_card", 12, reply_queue=settings.rabbitmq_reply_queue)
+    raw = json.dumps(body, ensure_ascii=False).encode()
+    await bus.publish(raw)
+    queue = Queue(
+        settings.bullmq_queue,
+        {
+            "connection": settings.redis_url,
+            "prefix": settings.bullmq_prefix,
+            "defaultJobOptions": job_options(fast_settings),
+        },
+    )
+    payload = JobPayload(event=Event.model_validate(body))
+    await queue.add(JOB_NAME, payload.wire(), {"jobId": hashlib.sha256(raw).hexdigest()})
+    await queue.close()
+    # The dead consumer's delivery: taken, never acknowledged, so it comes back redelivered.
+    connection = await aio_pika.connect(settings.rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        events = await channel.get_queue(settings.rabbitmq_queue)
+        taken = await events.get(timeout=5)
+        assert taken is not None
+    await start_service()
+
+    reply = await bus.reply()
+    assert reply["data"]["status"] == "success"
+    await bus.assert_no_reply(within=1.0)
+    assert len(await admin.leads()) == 1
+    assert await bus.pending_events() == 0
+
+
+async def test_a_fresh_message_with_an_old_body_is_a_new_event(
+    service: BitrixService, bus: Bus, admin: Admin, settings: Settings
+) -> None:
+    """Without message ids, a user renamed A -> B -> A sends the same body twice."""
+    queue = settings.rabbitmq_reply_queue
+    await bus.publish(event("create_card", 13, reply_queue=queue, full_name="Анна А"))
+    name_a = event("update_card", 13, reply_queue=queue, full_name="Анна А")
+    for body in (name_a, event("update_card", 13, reply_queue=queue, full_name="Анна Б"), name_a):
+        await bus.publish(body)
+    assert [r["data"]["status"] for r in await bus.replies(4)] == ["success"] * 4
+    (lead,) = await admin.leads()
+    assert lead["TITLE"] == "Анна А"
+
+
+async def test_stale_events_are_skipped_and_never_overwrite(
+    service: BitrixService, bus: Bus, admin: Admin, settings: Settings, redis_client: Redis
+) -> None:
+    queue = settings.rabbitmq_reply_queue
+    await bus.publish(event("create_card", 21, reply_queue=queue, version=1))
+    await bus.publish(event("update_card", 21, reply_queue=queue, version=3, full_name="Три Три"))
+    await bus.publish(event("update_card", 21, reply_queue=queue, version=2, full_name="Два Два"))
+    created, newer, older = await bus.replies(3)
+
+    assert "skipped" not in newer["data"]
+    assert older["data"]["status"] == "success"
+    assert older["data"]["skipped"] is True
+    assert older["data"]["bitrix_lead_id"] == created["data"]["bitrix_lead_id"]
+    (lead,) = await admin.leads()
+    assert lead["TITLE"] == "Три Три"
+
+    # Redis lost what was applied: the portal lookup still finds the lead, the event is applied.
+    await redis_client.delete(f"{service.key_prefix}:user:21")
+    await bus.publish(event("update_card", 21, reply_queue=queue, version=2, full_name="Два Два"))
+    reply = await bus.reply()
+    assert "skipped" not in reply["data"]
+    (lead,) = await admin.leads()
+    assert (int(lead["ID"]), lead["TITLE"]) == (reply["data"]["bitrix_lead_id"], "Два Два")
+
+
+async def test_many_events_of_one_user_on_two_services_end_in_the_newest(
+    start_service: ServiceFactory, portal: object, bus: Bus, admin: Admin, settings: Settings
+) -> None:
+    await start_service()
+    await start_service()
+    queue = settings.rabbitmq_reply_queue
+    await bus.publish(event("create_card", 31, reply_queue=queue, version=1))
+    for version in range(2, 11):
+        await bus.publish(
+            event(
+                "update_card", 31, reply_queue=queue, version=version, full_name=f"Версия {version}"
+            )
+        )
+    for user_id in range(40, 45):
+        await bus.publish(event("create_card", user_id, reply_queue=queue))
+    replies = await bus.replies(15)
+
+    assert {r["data"]["status"] for r in replies} == {"success"}
+    leads = await admin.leads()
+    assert sorted(lead["ORIGIN_ID"] for lead in leads) == ["31", "40", "41", "42", "43", "44"]
+    (lead,) = [lead for lead in leads if lead["ORIGIN_ID"] == "31"]
+    assert lead["TITLE"] == "Версия 10"
+
+
+async def test_a_permanent_error_is_answered_at_once_with_its_code(
+    service: BitrixService, bus: Bus, admin: Admin, settings: Settings
+) -> None:
+    await admin.script(
+        method="crm.lead.add",
+        times=1,
+        kind="error",
+        status=403,
+        error="insufficient_scope",
+        description="The request requires higher privileges than provided by the webhook token",
+    )
+    await bus.publish(event("create_card", 51, reply_queue=settings.rabbitmq_reply_queue))
+    reply = (await bus.reply())["data"]
+
+    assert reply["status"] == "error"
+    assert reply["error_code"] == "insufficient_scope"
+    assert reply["reason"] == (
+        "crm.lead.add: insufficient_scope: The request requires higher privileges than provided "
+        "by the webhook token"
+    )
+    assert reply["attempts"] == 1
+    await bus.assert_no_reply(within=0.5)
+    assert (await admin.stats())["by_method"]["crm.lead.add"] == {"insufficient_scope": 1}
+
+
+async def test_a_crm_error_without_code_keeps_the_empty_code(
+    service: BitrixService, bus: Bus, admin: Admin, settings: Settings
+) -> None:
+    await admin.script(
+        method="crm.lead.add",
+        times=1,
+        kind="error",
+        status=400,
+        error="",
+        description="Access denied.",
+    )
+    await bus.publish(event("create_card", 52, reply_queue=settings.rabbitmq_reply_queue))
+    reply = (await bus.reply())["data"]
+    assert (reply["status"], reply["error_code"], reply["attempts"]) == ("error", "", 1)
+    assert reply["reason"] == "crm.lead.add: Access denied."
+
+
+async def test_an_update_of_a_deleted_lead_recreates_it(
+    service: BitrixService, bus: Bus, admin: Admin, settings: Settings
+) -> None:
+    queue = settings.rabbitmq_reply_queue
+    await bus.publish(event("create_card", 53, reply_queue=queue))
+    old_id = (await bus.reply())["data"]["bitrix_lead_id"]
+    await admin.rest("crm.lead.delete", {"id": old_id})
+
+    await bus.publish(
+        event("update_card", 53, reply_queue=queue, full_name="Новый Лид", bitrix_lead_id=old_id)
+    )
+    reply = (await bus.reply())["data"]
+    (lead,) = await admin.leads()
+    assert reply["status"] == "success"
+    assert reply["bitrix_lead_id"] == int(lead["ID"]) != old_id
+    assert lead["TITLE"] == "Новый Лид"
+
+
+async def test_transient_errors_are_retried(
+    service: BitrixService, bus: Bus, admin: Admin, settings: Settings
+) -> None:
+    await admin.script(method="crm.lead.add", times=2, kind="html", status=502)
+    await bus.publish(event("create_card", 61, reply_queue=settings.rabbitmq_reply_queue))
+    reply = (await bus.reply())["data"]
+    assert (reply["status"], reply["attempts"]) == ("success", 3)
+    await bus.assert_no_reply(within=0.5)
+    assert len(await admin.leads()) == 1
+
+
+async def test_the_error_reply_comes_after_the_last_attempt(
+    service: BitrixService, bus: Bus, admin: Admin, settings: Settings
+) -> None:
+    await admin.script(
+        method="crm.lead.list",
+        times=3,
+        kind="error",
+        status=500,
+        error="INTERNAL_SERVER_ERROR",
+        description="Internal server error",
+    )
+    await bus.publish(event("create_card", 62, reply_queue=settings.rabbitmq_reply_queue))
+    reply = (await bus.reply())["data"]
+    assert (reply["status"], reply["attempts"]) == ("error", 3)
+    assert reply["error_code"] == "INTERNAL_SERVER_ERROR"
+    await bus.assert_no_reply(within=0.5)
+    assert await admin.leads() == []
+    assert (await admin.stats())["by_method"]["crm.lead.list"] == {"INTERNAL_SERVER_ERROR": 3}
+
+
+async def test_rate_limit_answers_do_not_use_up_attempts(
+    service: BitrixService, bus: Bus, admin: Admin, settings: Settings
+) -> None:
+    for method, status, code in (
+        ("crm.lead.list", 503, "QUERY_LIMIT_EXCEEDED"),
+        ("crm.lead.add", 429, "OPERATION_TIME_LIMIT"),
+    ):
+        await admin.script(method=method, times=3, kind="error", status=status, error=code)
+    await bus.publish(event("create_card", 63, reply_queue=settings.rabbitmq_reply_queue))
+    reply = (await bus.reply())["data"]
+    assert (reply["status"], reply["attempts"]) == ("success", 1)
+    assert len(await admin.leads()) == 1
+
+
+async def test_a_create_that_timed_out_after_writing_adopts_the_lead(
+    start_service: ServiceFactory, portal: object, bus: Bus, admin: Admin, settings: Settings
+) -> None:
+    await start_service(bitrix_timeout_s=0.5)
+    await admin.script(method="crm.lead.add", times=1, kind="timeout_after_write", delay_s=2)
+    await bus.publish(event("create_card", 64, reply_queue=settings.rabbitmq_reply_queue))
+    reply = (await bus.reply())["data"]
+    (lead,) = await admin.leads()
+    assert (reply["status"], reply["attempts"]) == ("success", 2)
+    assert reply["bitrix_lead_id"] == int(lead["ID"])
+
+
+async def test_bad_messages_are_answered_acked_and_do_not_stop_the_service(
+    service: BitrixService, bus: Bus, admin: Admin, settings: Settings
+) -> None:
+    queue = settings.rabbitmq_reply_queue
+    await bus.publish(b"{this is not json")
+    unknown: dict[str, Any] = event("create_card", 71, reply_queue=queue)
+    unknown["pattern"] = "user_deleted"
+    await bus.publish(unknown)
+    invalid: dict[str, Any] = event("create_card", 72, reply_queue=queue)
+    invalid["data"]["action"] = "delete_card"
+    await bus.publish(invalid)
+    await bus.publish(event("create_card", 73, reply_queue=queue))
+
+    unknown_reply, invalid_reply, good_reply = (r["data"] for r in await bus.replies(3))
+    assert unknown_reply["status"] == "error"
+    assert unknown_reply["reason"] == "Unknown pattern: 'user_deleted'"
+    assert unknown_reply["user_id"] == 71
+    assert invalid_reply["status"] == "error"
+    assert invalid_reply["reason"].startswith("Invalid event: data.action: Input should be")
+    assert invalid_reply["user_id"] == 72
+    assert good_reply["status"] == "success"
+    assert good_reply["user_id"] == 73
+    assert await bus.pending_events() == 0
+    assert [lead["ORIGIN_ID"] for lead in await admin.leads()] == ["73"]
+
+
+async def test_a_busy_user_postpones_the_job_without_spending_an_attempt(
+    start_service: ServiceFactory,
+    portal: object,
+    bus: Bus,
+    admin: Admin,
+    settings: Settings,
+    redis_client: Redis,
+) -> None:
+    service = await start_service(user_lock_wait_s=0.1, user_busy_delay_ms=100)
+    # Another process holds the user's lock for a while.
+    await redis_client.set(f"{service.key_prefix}:lock:user:81", "other-worker", px=1500)
+    await bus.publish(event("create_card", 81, reply_queue=settings.rabbitmq_reply_queue))
+    reply = (await bus.reply())["data"]
+    assert (reply["status"], reply["attempts"]) == ("success", 1)
+    assert len(await admin.leads()) == 1
+
+
+async def test_a_reply_queue_that_does_not_exist_yet_gets_the_reply(
+    service: BitrixService, bus: Bus, settings: Settings
+) -> None:
+    reply_queue = f"{settings.rabbitmq_reply_queue}.late"
+    await bus.publish(event("create_card", 82, reply_queue=reply_queue))
+    queue = await bus.channel.declare_queue(reply_queue, durable=True)
+    try:
+        message = None
+        for _ in range(100):
+            message = await queue.get(fail=False)
+            if message is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert message is not None
+        assert json.loads(message.body)["data"]["status"] == "success"
+    finally:
+        await queue.delete(if_unused=False, if_empty=False)
+
+
+async def test_stop_is_bounded_and_another_service_finishes_the_cut_job(
+    start_service: ServiceFactory, portal: object, bus: Bus, admin: Admin, settings: Settings
+) -> None:
+    timings = {"job_lock_duration_ms": 1000, "job_stalled_interval_ms": 500}
+    first = await start_service(shutdown_timeout_s=0.5, **timings)
+    await admin.script(method="crm.lead.add", times=1, kind="timeout_after_write", delay_s=30)
+    await bus.publish(event("create_card", 83, reply_queue=settings.rabbitmq_reply_queue))
+
+    async def lead_written() -> bool:
+        return bool(await admin.leads())
+
+    await eventually(lead_written)
+    await asyncio.wait_for(first.stop(), 5)
+    await start_service(**timings)
+
+    reply = (await bus.reply())["data"]
+    (lead,) = await admin.leads()
+    assert (reply["status"], reply["bitrix_lead_id"]) == ("success", int(lead["ID"]))
+    await bus.assert_no_reply(within=0.5)
+
+
+async def test_a_failed_reply_fails_the_attempt_and_the_retry_replies(
+    start_service: ServiceFactory, portal: object, bus: Bus, admin: Admin, settings: Settings
+) -> None:
+    await start_service(job_backoff_ms=1000)
+    # A reply queue RabbitMQ refuses to take our declaration of: publishing the reply fails.
+    reply_queue = f"{settings.rabbitmq_reply_queue}.broken"
+    broken = await bus.channel.declare_queue(reply_queue, durable=False, auto_delete=True)
+    retries_before = REGISTRY.get_sample_value("b24sync_bitrix_jobs_total", {"outcome": "retry"})
+    await bus.publish(event("create_card", 84, reply_queue=reply_queue))
+
+    async def retried() -> bool:
+        retries = REGISTRY.get_sample_value("b24sync_bitrix_jobs_total", {"outcome": "retry"})
+        return (retries or 0) > (retries_before or 0)
+
+    await eventually(retried)
+    await broken.delete(if_unused=False, if_empty=False)
+    queue = await bus.channel.declare_queue(reply_queue, durable=True)
+    try:
+        message = None
+        for _ in range(100):
+            message = await queue.get(fail=False)
+            if message is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert message is not None
+        reply = json.loads(message.body)["data"]
+        (lead,) = await admin.leads()
+        assert (reply["status"], reply["attempts"]) == ("success", 2)
+        assert reply["bitrix_lead_id"] == int(lead["ID"])
+    finally:
+        await queue.delete(if_unused=False, if_empty=False)
