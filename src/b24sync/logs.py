@@ -53,40 +53,38 @@ def _mask_processor(
     return event_dict
 
 
-class _MaskingFilter(logging.Filter):
-    """Masks secrets in records of third-party loggers (httpx logs request URLs)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = mask_secrets(record.getMessage())
-        record.args = None
-        return True
-
-
 def configure_logging(level: str = "INFO", json: bool = False, secrets: Iterable[str] = ()) -> None:
+    """One format for our lines and third-party ones (uvicorn, aio-pika), masked alike."""
     for secret in secrets:
         register_secret(secret)
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(ensure_ascii=False)
         if json
         else structlog.dev.ConsoleRenderer(colors=False, pad_event_to=0)
     )
-    processors: list[Any] = [
+    shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info,
-        _mask_processor,
-        renderer,
     ]
     structlog.configure(
-        processors=processors,
+        processors=[*shared, structlog.processors.format_exc_info, _mask_processor, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(sys.stdout)
-    handler.addFilter(_MaskingFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                _mask_processor,
+                renderer,
+            ],
+        )
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
@@ -124,18 +125,10 @@ def _is_rest_request(data: bytes) -> bool:
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, *, handle_signals: bool) -> None:
-        super().__init__(config)
-        self._handle_signals = handle_signals
-
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        # Embedded in a test, the host program owns the signals.
-        if self._handle_signals:
-            with super().capture_signals():
-                yield
-        else:
-            yield
+        # The host program owns the signals: a test, or `_serve_until_stopped`.
+        yield
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -157,12 +150,9 @@ class PortalServer:
     """The emulator on `settings.portal_host:settings.portal_port`, served by uvicorn in a task
     of the current event loop. `start()` returns once connections are accepted."""
 
-    def __init__(
-        self, settings: Settings, portal: Portal | None = None, *, handle_signals: bool = False
-    ) -> None:
+    def __init__(self, settings: Settings, portal: Portal | None = None) -> None:
         self.settings = settings
         self.portal = portal or Portal(settings)
-        self._handle_signals = handle_signals
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -184,7 +174,7 @@ class PortalServer:
             access_log=False,  # access lines would carry the webhook code
             timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
         )
-        self._server = _Server(config, handle_signals=self._handle_signals)
+        self._server = _Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
             if self._task.done():
@@ -194,10 +184,6 @@ class PortalServer:
                 raise RuntimeError("the portal emulator stopped while starting")
             await asyncio.sleep(0.01)
         return self.base_url
-
-    async def wait_closed(self) -> None:
-        if self._task is not None:
-            await self._task
 
     async def stop(self) -> None:
         if self._server is None or self._task is None:
@@ -229,7 +215,13 @@ async def serve_portal(settings: Settings, portal: Portal | None = None) -> Asyn
 
 
 async def _serve_until_stopped(settings: Settings) -> None:
-    server = PortalServer(settings, handle_signals=True)
+    # Our own handlers rather than uvicorn's, which re-raise the signal after shutdown and so
+    # end the process with -SIGTERM instead of 0.
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_requested.set)
+    server = PortalServer(settings)
     await server.start()
     log.info(
         "Bitrix24 portal emulator listening",
@@ -238,9 +230,10 @@ async def _serve_until_stopped(settings: Settings) -> None:
         state_file=settings.portal_state_file,
     )
     try:
-        await server.wait_closed()
+        await stop_requested.wait()
     finally:
         await server.stop()
+    log.info("Bitrix24 portal emulator stopped")
 
 
 def run(settings: Settings) -> None:
