@@ -1,0 +1,161 @@
+"""What both benchmarks share: a migrated bench database and a Core subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+import httpx
+import psutil
+
+from b24sync.core.db import asyncpg_dsn
+from b24sync.core.migrate import upgrade_head
+
+RESULTS = Path(__file__).parent / "results"
+DATABASE_URL = os.environ.get(
+    "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/b24sync_bench"
+)
+RABBITMQ_URL = os.environ.get("BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672")
+CORE = str(Path(sys.executable).parent / "b24sync")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def prepare_database() -> None:
+    """Migrates the bench database and empties it, so every run starts alike."""
+
+    async def prepare() -> None:
+        await upgrade_head(DATABASE_URL)
+        connection = await asyncpg.connect(asyncpg_dsn(DATABASE_URL))
+        try:
+            await connection.execute("TRUNCATE users, outbox_events RESTART IDENTITY")
+        finally:
+            await connection.close()
+
+    asyncio.run(prepare())
+
+
+@contextlib.contextmanager
+def core_process(port: int, queue: str, **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Runs `b24sync core` until the block ends, ready to serve."""
+    environment = {
+        **os.environ,
+        "DATABASE_URL": DATABASE_URL,
+        "RABBITMQ_URL": RABBITMQ_URL,
+        "RABBITMQ_QUEUE": queue,
+        "RABBITMQ_REPLY_QUEUE": f"{queue}.replies",
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        **env,
+    }
+    # Core's own log (INFO: three lines per request) stays out of the results folder.
+    log = (Path(tempfile.gettempdir()) / f"b24sync-{queue}.log").open("w")
+    process = subprocess.Popen([CORE, "core"], env=environment, stdout=log, stderr=log)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"Core exited with {process.returncode}; see {log.name}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("Core did not become ready in 30 s")
+            time.sleep(0.2)
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+async def delete_queues(*names: str) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    async with connection:
+        channel = await connection.channel()
+        for name in names:
+            await channel.queue_delete(name)
+
+
+class KeepAliveConnection:
+    """A minimal HTTP/1.1 keep-alive client for load generation.
+
+    httpx spends ~1.5 ms of CPU per request here, more than Core itself: on a 2-core machine
+    the load generator would be the bottleneck. This one only writes a request and reads a
+    Content-Length response, which is all the benchmarks need.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> KeepAliveConnection:
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer)
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        self.writer.write(head.encode() + body)
+        header = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(header[9:12])
+        length = 0
+        for line in header.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        return status, await self.reader.readexactly(length)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+def cpu_seconds(process: subprocess.Popen[bytes]) -> float:
+    """CPU time used so far by a process and its children (uvicorn's workers)."""
+    root = psutil.Process(process.pid)
+    total = 0.0
+    for member in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = member.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def write_result(name: str, result: dict[str, Any]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"written to {path}")

@@ -1,0 +1,1 @@
+"""Core: the users HTTP API, the transactional outbox relay and the Bitrix reply consumer."""

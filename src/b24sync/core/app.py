@@ -1,0 +1,151 @@
+"""The Core application: the users API, plus the outbox relay and the reply consumer running
+beside it for the lifetime of the app."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from faststream.rabbit import RabbitBroker
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from b24sync.core.backoff import Backoff
+from b24sync.core.db import create_engine, create_sessionmaker
+from b24sync.core.dependencies import require_token
+from b24sync.core.exceptions import CoreError
+from b24sync.core.health import router as health_router
+from b24sync.core.middleware import BodySizeLimitMiddleware
+from b24sync.core.migrate import check_schema
+from b24sync.core.outbox.relay import Relay
+from b24sync.core.sync.consumer import register_reply_consumer
+from b24sync.core.users.endpoints import router as users_router
+from b24sync.logs import get_logger
+from b24sync.messaging import describe_url, make_broker
+from b24sync.settings import Settings, get_settings
+
+log = get_logger(__name__)
+
+DESCRIPTION = """Users kept in sync with Bitrix24 CRM leads.
+
+Every change is stored together with its event in one transaction (a transactional outbox);
+the event reaches the Bitrix service through RabbitMQ, and its reply updates the user's `sync`
+state. With `CORE_API_TOKEN` set, send `Authorization: Bearer <token>`.
+"""
+
+
+async def connect_broker(broker: RabbitBroker, url: str, connected: asyncio.Event) -> None:
+    """Connects and starts the reply consumer, retrying until RabbitMQ answers.
+
+    Core serves writes meanwhile; the relay publishes once the connection is up, and the
+    robust connection reconnects by itself after that.
+    """
+    backoff = Backoff(initial_s=0.5, max_s=15.0)
+    while True:
+        try:
+            await broker.start()
+        except Exception as exc:
+            delay = backoff.failed()
+            if backoff.should_log:
+                log.warning(
+                    "[Core] RabbitMQ unreachable, will retry",
+                    url=describe_url(url),
+                    error=exc,
+                    retry_in_s=delay,
+                )
+            with suppress(Exception):
+                await broker.stop()
+            await asyncio.sleep(delay)
+            continue
+        log.info("[Core] Connected to RabbitMQ successfully", url=describe_url(url))
+        connected.set()
+        return
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings)
+        try:
+            await check_schema(engine)
+        except BaseException:
+            await engine.dispose()
+            raise
+        sessionmaker = create_sessionmaker(engine)
+        broker = make_broker(settings.rabbitmq_url)
+        register_reply_consumer(broker, settings.rabbitmq_reply_queue, sessionmaker)
+        broker_connected = asyncio.Event()
+        relay = Relay(settings, engine, broker, broker_connected)
+        app.state.engine = engine
+        app.state.sessionmaker = sessionmaker
+        app.state.broker = broker
+        tasks = [
+            asyncio.create_task(
+                connect_broker(broker, settings.rabbitmq_url, broker_connected), name="broker"
+            ),
+            asyncio.create_task(relay.run(), name="outbox-relay"),
+        ]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with suppress(Exception):
+                await broker.stop()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="b24sync Core",
+        description=DESCRIPTION,
+        version="0.1.0",
+        lifespan=lifespan,
+        # Served below, behind the token like every route but the probes.
+        docs_url=None,
+        openapi_url=None,
+    )
+    app.state.settings = settings
+    app.add_middleware(BodySizeLimitMiddleware)
+    app.include_router(health_router)
+    app.include_router(users_router, dependencies=[Depends(require_token)])
+    docs = APIRouter(dependencies=[Depends(require_token)], include_in_schema=False)
+
+    @docs.get("/openapi.json")
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @docs.get("/docs")
+    async def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
+
+    app.include_router(docs)
+
+    @app.exception_handler(CoreError)
+    async def core_error(_: Request, exc: CoreError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return JSONResponse({"detail": exc.detail()}, status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(PoolTimeoutError)
+    @app.exception_handler(OSError)
+    async def database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("[Core] Database unavailable", error=exc)
+        return JSONResponse({"detail": "Database unavailable, try again"}, status_code=503)
+
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """Factory for uvicorn worker processes, which read their settings from the environment."""
+    from b24sync.core.main import configure_core_logging, tune_gc
+
+    settings = get_settings()
+    configure_core_logging(settings)
+    app = create_app(settings)
+    tune_gc()
+    return app

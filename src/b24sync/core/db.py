@@ -1,0 +1,53 @@
+"""The database engine and the request-scoped session."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from b24sync.settings import Settings
+
+
+def async_url(url: str) -> str:
+    """DATABASE_URL is given as ``postgresql://``; SQLAlchemy needs the asyncpg driver named."""
+    parsed = make_url(url)
+    return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+
+
+def asyncpg_dsn(url: str) -> str:
+    """A DSN for a raw asyncpg connection (LISTEN/NOTIFY, database creation)."""
+    parsed = make_url(url)
+    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def create_engine(settings: Settings) -> AsyncEngine:
+    return create_async_engine(
+        async_url(settings.database_url),
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_pre_ping=False,
+    )
+
+
+def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def get_db_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """One session per request, committed when the endpoint returns without an error.
+
+    Used with ``scope="function"`` so the commit happens before the response is sent: a client
+    never sees a success for a change that failed to commit.
+    """
+    sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
+    async with sessionmaker() as session:
+        yield session  # an error raised here skips the commit; closing rolls back
+        await session.commit()

@@ -1,0 +1,33 @@
+"""Dependencies shared by Core's routes: settings, the request session, the API token."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from b24sync.core.db import get_db_session
+from b24sync.core.exceptions import UnauthorizedError
+from b24sync.settings import Settings
+
+
+async def get_app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+# scope="function": the session commits right after the endpoint, before the response is sent.
+SessionDep = Annotated[AsyncSession, Depends(get_db_session, scope="function")]
+
+
+async def require_token(request: Request, settings: SettingsDep) -> None:
+    """With CORE_API_TOKEN set, every API route needs ``Authorization: Bearer <token>``."""
+    if settings.core_api_token is None:
+        return
+    expected = settings.core_api_token.get_secret_value().encode()
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        raise UnauthorizedError("Missing or invalid bearer token")

@@ -1,0 +1,56 @@
+"""Core's tables. The migrations in ``core/migrations`` are the source of truth for the schema;
+these mappings mirror them for the repositories."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Identity, Integer, String, Text, func
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class SyncStatus(StrEnum):
+    PENDING = "pending"
+    SYNCED = "synced"
+    FAILED = "failed"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    full_name: Mapped[str] = mapped_column(String(200))
+    phone: Mapped[str] = mapped_column(String(32))
+    stage: Mapped[str] = mapped_column(String(64))
+    # Grows with every change; events and replies carry it so stale replies can be recognised.
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    bitrix_lead_id: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    sync_status: Mapped[str] = mapped_column(String(16), default=SyncStatus.PENDING.value)
+    sync_error: Mapped[str | None] = mapped_column(Text, default=None)
+    sync_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    synced_version: Mapped[int | None] = mapped_column(Integer, default=None)
+    synced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class OutboxEvent(Base):
+    __tablename__ = "outbox_events"
+
+    # The event id is also the AMQP message_id, so a re-published event is recognisable.
+    id: Mapped[UUID] = mapped_column(primary_key=True)
+    # Publication order; a user's events are inserted under its row lock, so seq = commit order.
+    seq: Mapped[int] = mapped_column(BigInteger, Identity(), unique=True)
+    user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id", ondelete="CASCADE"))
+    pattern: Mapped[str] = mapped_column(String(32))
+    body: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)

@@ -1,0 +1,215 @@
+"""The outbox relay: publishes committed events to RabbitMQ, each user's in commit order, at
+least once.
+
+Every Core process runs one. In each batch transaction a relay takes a transaction-level
+advisory lock, so only one publishes at a time, reading pending events in ``seq`` order (for
+one user that is commit order: its changes are serialised by the row lock). A batch goes out
+in waves with at most one event per user; the next wave starts only once the broker confirmed
+the previous one, and an event is marked published only after its confirm. A crash anywhere
+before the commit leaves the batch unpublished, and whichever relay runs next sends it again
+(same message_id): duplicates are possible, losses are not.
+
+A relay is woken by NOTIFY from the write transactions (a raw asyncpg LISTEN connection) and
+polls every ``outbox_poll_interval_s`` in case a notification was missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import suppress
+from typing import Any
+from uuid import UUID
+
+import asyncpg  # type: ignore[import-untyped]
+from faststream.rabbit import RabbitBroker
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from b24sync.contracts import Event
+from b24sync.core.backoff import Backoff
+from b24sync.core.db import asyncpg_dsn
+from b24sync.core.outbox import repository
+from b24sync.core.outbox.repository import PendingEvent
+from b24sync.logs import get_logger
+from b24sync.messaging import make_broker, publish_json
+from b24sync.settings import Settings
+
+log = get_logger(__name__)
+
+PUBLISH_TIMEOUT_S = 10.0
+
+
+def waves(events: list[PendingEvent]) -> list[list[PendingEvent]]:
+    """Groups seq-ordered events so that a user's k-th event is in group k: a group holds at
+    most one event per user and can be published all at once."""
+    result: list[list[PendingEvent]] = []
+    depth: dict[int, int] = {}
+    for event in events:
+        level = depth.get(event.user_id, 0)
+        depth[event.user_id] = level + 1
+        if level == len(result):
+            result.append([])
+        result[level].append(event)
+    return result
+
+
+def wire_body(stored: dict[str, Any]) -> dict[str, Any]:
+    """The stored event in the contract's key order (jsonb keeps its own order)."""
+    try:
+        return Event.model_validate(stored).wire()
+    except ValidationError:
+        return stored  # only Core writes the outbox; never hold the queue up over one event
+
+
+class Relay:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: AsyncEngine,
+        broker: RabbitBroker,
+        broker_connected: asyncio.Event | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        # Publishing lanes, each its own connection: aiormq confirms one publish per channel
+        # lock turn, so on a busy event loop one channel caps the relay's throughput. The
+        # events of a wave belong to different users, so they may leave by different lanes.
+        self._lanes = [broker] + [
+            make_broker(settings.rabbitmq_url) for _ in range(settings.outbox_publish_lanes - 1)
+        ]
+        self._lanes_connecting: asyncio.Future[list[Any]] | None = None
+        self._wakeup = asyncio.Event()
+        if broker_connected is None:
+            broker_connected = asyncio.Event()
+            broker_connected.set()
+        # Set once the first connection is up; later outages are the robust connection's job.
+        self._broker_connected = broker_connected
+
+    async def run(self) -> None:
+        """Publishes until cancelled; failures (broker or database down) only delay it."""
+        listener = asyncio.create_task(self._listen(), name="outbox-listen")
+        backoff = Backoff()
+        try:
+            await self._broker_connected.wait()
+            while True:
+                self._wakeup.clear()
+                try:
+                    while await self.publish_batch() >= self.settings.outbox_batch_size:
+                        pass
+                except Exception as exc:
+                    delay = backoff.failed()
+                    if backoff.should_log:
+                        log.warning(
+                            "[Core] Outbox relay cannot publish, will retry",
+                            error=exc,
+                            failures=backoff.failures,
+                            retry_in_s=delay,
+                        )
+                    await asyncio.sleep(delay)
+                    continue
+                if backoff.reset():
+                    log.info("[Core] Outbox relay publishing again")
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._wakeup.wait(), self.settings.outbox_poll_interval_s
+                    )
+        finally:
+            listener.cancel()
+            with suppress(asyncio.CancelledError):
+                await listener
+            await self._stop_lanes()
+
+    async def publish_batch(self) -> int:
+        """Publishes one batch of pending events; returns how many went out.
+
+        The batch is sent in waves holding at most one event per user, each wave's publishes
+        confirmed together: a user's events still leave one after another, in seq order.
+        Events confirmed before a failure are marked published, then the failure is raised.
+        """
+        published: list[UUID] = []
+        failure: BaseException | None = None
+        async with self.engine.connect() as connection, connection.begin():
+            if not await repository.try_lock_relay(connection):
+                return 0  # another relay is publishing; it will see our events too
+            events = await repository.pending(connection, self.settings.outbox_batch_size)
+            if events:
+                await self._connect_lanes()
+            for wave in waves(events):
+                results = await asyncio.gather(
+                    *(
+                        self._publish(event, self._lanes[n % len(self._lanes)])
+                        for n, event in enumerate(wave)
+                    ),
+                    return_exceptions=True,
+                )
+                for event, result in zip(wave, results, strict=True):
+                    if isinstance(result, BaseException):
+                        failure = failure or result
+                    else:
+                        published.append(event.id)
+                if failure is not None:
+                    break
+            await repository.mark_published(connection, published)
+        if failure is not None:
+            raise failure
+        return len(published)
+
+    async def _connect_lanes(self) -> None:
+        """Connects the lanes (a no-op once connected). Shielded: a connection cancelled
+        half-way would be left open with nobody to close it."""
+        self._lanes_connecting = asyncio.ensure_future(
+            asyncio.gather(*(lane.connect() for lane in self._lanes))
+        )
+        async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+            await asyncio.shield(self._lanes_connecting)
+
+    async def _stop_lanes(self) -> None:
+        if self._lanes_connecting is not None:
+            with suppress(Exception):
+                await asyncio.wait_for(self._lanes_connecting, 10)
+        for lane in self._lanes[1:]:
+            with suppress(Exception):
+                await lane.stop()
+
+    async def _publish(self, event: PendingEvent, lane: RabbitBroker) -> None:
+        body = wire_body(event.body)
+        if log.is_enabled_for(logging.INFO):
+            log.info(
+                "[Core] About to emit message to BITRIX_SERVICE: "
+                + json.dumps(body, ensure_ascii=False),
+                message_id=str(event.id),
+            )
+        async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+            await publish_json(lane, self.settings.rabbitmq_queue, body, message_id=str(event.id))
+        log.info("[Core] Message emitted successfully", message_id=str(event.id))
+
+    async def _listen(self) -> None:
+        """Keeps a LISTEN connection open; reconnects when it drops (polling covers the gap)."""
+        backoff = Backoff(initial_s=0.5, max_s=30.0)
+        dsn = asyncpg_dsn(self.settings.database_url)
+        while True:
+            try:
+                connection = await asyncpg.connect(dsn, timeout=10)
+            except Exception as exc:
+                delay = backoff.failed()
+                if backoff.should_log:
+                    log.warning("[Core] Outbox LISTEN connection failed", error=exc)
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            lost = asyncio.Event()
+            try:
+                connection.add_termination_listener(lambda _, lost=lost: lost.set())
+                await connection.add_listener(
+                    repository.NOTIFY_CHANNEL, lambda *_: self._wakeup.set()
+                )
+                # Catch up on whatever was committed while nobody was listening.
+                self._wakeup.set()
+                await lost.wait()
+            except Exception as exc:
+                log.warning("[Core] Outbox LISTEN connection lost", error=exc)
+            finally:
+                with suppress(Exception):
+                    await asyncio.wait_for(connection.close(), 5)

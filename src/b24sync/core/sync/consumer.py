@@ -1,0 +1,84 @@
+"""The reply consumer: Bitrix replies from ``RABBITMQ_REPLY_QUEUE`` applied to the users table.
+
+Acknowledged by hand, after the database commit: a crash before it means a redelivery, which
+the rules in `sync.service` make harmless. A reply that cannot be read or applied is logged
+and acknowledged, so it never blocks the queue; only an unreachable database makes a reply go
+back to the queue (after a pause, so an outage does not spin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from faststream.message import StreamMessage
+from faststream.middlewares import AckPolicy
+from faststream.rabbit import RabbitBroker
+from faststream.rabbit.annotations import RabbitMessage
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from b24sync.contracts import MalformedMessageError, parse_reply
+from b24sync.core.sync.service import Outcome, reply_service
+from b24sync.logs import get_logger
+from b24sync.messaging import durable_queue
+
+log = get_logger(__name__)
+
+RETRY_PAUSE_S = 1.0
+_LOGGED_BODY_CHARS = 2000
+# The database is unreachable (as opposed to refusing this one reply).
+_TRANSIENT = (OperationalError, InterfaceError, OSError, TimeoutError)
+
+
+async def handle_reply(body: bytes, sessionmaker: async_sessionmaker[AsyncSession]) -> bool:
+    """Applies one reply; returns False when it should be retried later."""
+    text = body[:_LOGGED_BODY_CHARS].decode("utf-8", errors="replace")
+    log.info(f"[Core] Bitrix Response Received: {text}")
+    try:
+        reply = parse_reply(body)
+    except MalformedMessageError as exc:
+        log.warning("[Core] Malformed reply dropped", reason=str(exc))
+        return True
+    try:
+        async with sessionmaker() as session, session.begin():
+            outcome = await reply_service.apply(session, reply)
+    except _TRANSIENT as exc:
+        log.warning("[Core] Reply not applied, database unavailable; will retry", error=exc)
+        return False
+    except DBAPIError as exc:
+        log.error(
+            "[Core] Reply rejected by the database, dropped", user_id=reply.user.id, error=exc
+        )
+        return True
+    log_method = log.info if outcome in (Outcome.APPLIED, Outcome.UNCHANGED) else log.warning
+    log_method(
+        "[Core] Reply processed",
+        outcome=outcome.value,
+        user_id=reply.user.id,
+        status=reply.status.value,
+        version=reply.user.version,
+    )
+    return True
+
+
+async def _raw_body(message: StreamMessage[Any]) -> bytes:
+    """Leaves the body undecoded: `parse_reply` reads it and reports what is wrong with it."""
+    return message.body
+
+
+def register_reply_consumer(
+    broker: RabbitBroker, queue: str, sessionmaker: async_sessionmaker[AsyncSession]
+) -> None:
+    @broker.subscriber(durable_queue(queue), ack_policy=AckPolicy.MANUAL, decoder=_raw_body)
+    async def on_reply(message: RabbitMessage) -> None:
+        try:
+            done = await handle_reply(message.body, sessionmaker)
+        except Exception as exc:  # a bug must not stall the queue or the consumer
+            log.exception("[Core] Reply handling failed, dropped", error=exc)
+            done = True
+        if done:
+            await message.ack()
+        else:
+            await asyncio.sleep(RETRY_PAUSE_S)
+            await message.nack(requeue=True)

@@ -1,0 +1,133 @@
+"""HTTP routes of the users API (the seed's three requests plus reads)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Path, Query, status
+
+from b24sync.core.dependencies import SessionDep, SettingsDep
+from b24sync.core.models import SyncStatus
+from b24sync.core.users.schemas import (
+    Pagination,
+    UserCreate,
+    UserList,
+    UserMove,
+    UserRead,
+    UserUpdate,
+)
+from b24sync.core.users.service import user_service
+
+router = APIRouter(prefix="/users", tags=["users"])
+
+UserId = Annotated[int, Path(ge=1, le=2**63 - 1, description="The user's id")]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "No such user"},
+    413: {"description": "Body larger than 16 KiB"},
+}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=UserRead,
+    summary="Create a user",
+    responses={413: _ERRORS[413]},
+)
+async def create_user(
+    session: SessionDep,
+    settings: SettingsDep,
+    data: Annotated[
+        UserCreate,
+        Body(
+            openapi_examples={
+                "seed": {
+                    "summary": "Создание пользователя",
+                    "value": {"full_name": "Иван Иванов", "phone": "+77001112233", "stage": "NEW"},
+                },
+                "no_phone": {
+                    "summary": "Пользователь без телефона — отклоняется (422)",
+                    "value": {"full_name": "Пользователь без телефона", "stage": "NEW"},
+                },
+            }
+        ),
+    ],
+) -> UserRead:
+    return UserRead.from_user(await user_service.create(session, settings, data))
+
+
+@router.get("", response_model=UserList, summary="List users")
+async def list_users(
+    session: SessionDep,
+    stage: Annotated[str | None, Query(max_length=64)] = None,
+    sync_status: Annotated[SyncStatus | None, Query()] = None,
+    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> UserList:
+    users, total, max_page = await user_service.list(
+        session, stage=stage, sync_status=sync_status, page=page, limit=limit
+    )
+    return UserList(
+        items=[UserRead.from_user(user) for user in users],
+        pagination=Pagination(total_count=total, max_page=max_page),
+    )
+
+
+@router.get("/{id}", response_model=UserRead, summary="Get a user", responses={404: _ERRORS[404]})
+async def get_user(id: UserId, session: SessionDep) -> UserRead:
+    return UserRead.from_user(await user_service.get(session, id))
+
+
+@router.patch(
+    "/{id}",
+    response_model=UserRead,
+    summary="Update a user (fields left out keep their value)",
+    responses=_ERRORS,
+)
+async def update_user(
+    id: UserId,
+    session: SessionDep,
+    settings: SettingsDep,
+    data: Annotated[
+        UserUpdate,
+        Body(
+            openapi_examples={
+                "seed": {
+                    "summary": "Обновление пользователя",
+                    "value": {
+                        "full_name": "Иван Петров",
+                        "phone": "+77001112233",
+                        "stage": "IN_PROCESS",
+                    },
+                }
+            }
+        ),
+    ],
+) -> UserRead:
+    return UserRead.from_user(await user_service.update(session, settings, id, data))
+
+
+@router.post(
+    "/{id}/move",
+    response_model=UserRead,
+    summary="Move a user to another stage",
+    responses=_ERRORS,
+)
+async def move_user(
+    id: UserId,
+    session: SessionDep,
+    settings: SettingsDep,
+    data: Annotated[
+        UserMove,
+        Body(
+            openapi_examples={
+                "seed": {
+                    "summary": "Перемещение пользователя на новый этап",
+                    "value": {"stage": "CONVERTED"},
+                }
+            }
+        ),
+    ],
+) -> UserRead:
+    return UserRead.from_user(await user_service.move(session, settings, id, data))

@@ -1,0 +1,129 @@
+"""The users API's request and response bodies."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic.config import JsonDict
+
+from b24sync.core.models import SyncStatus, User
+
+FullName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+# Format rules (region, E.164) live in the service; this only bounds the raw input.
+Phone = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+Stage = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+
+_CREATE_EXAMPLE: JsonDict = {"full_name": "Иван Иванов", "phone": "+77001112233", "stage": "NEW"}
+_UPDATE_EXAMPLE: JsonDict = {
+    "full_name": "Иван Петров",
+    "phone": "+77001112233",
+    "stage": "IN_PROCESS",
+}
+_MOVE_EXAMPLE: JsonDict = {"stage": "CONVERTED"}
+
+
+class UserCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_CREATE_EXAMPLE]})
+
+    full_name: FullName
+    phone: Phone
+    stage: Stage | None = Field(default=None, description="Defaults to NEW")
+
+
+class UserUpdate(BaseModel):
+    """Partial update: fields left out keep their value; none of them may be set to null."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_UPDATE_EXAMPLE]})
+
+    full_name: FullName | None = None
+    phone: Phone | None = None
+    stage: Stage | None = None
+
+    @model_validator(mode="after")
+    def _no_nulls(self) -> UserUpdate:
+        nulls = sorted(name for name in self.model_fields_set if getattr(self, name) is None)
+        if nulls:
+            raise ValueError(f"{', '.join(nulls)} may be omitted but not null")
+        return self
+
+
+class UserMove(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_MOVE_EXAMPLE]})
+
+    stage: Stage
+
+
+class SyncState(BaseModel):
+    status: SyncStatus
+    synced_version: int | None
+    error: str | None
+    attempts: int
+    synced_at: datetime | None
+
+
+class UserRead(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": 1,
+                    "full_name": "Иван Иванов",
+                    "phone": "+77001112233",
+                    "stage": "NEW",
+                    "bitrix_lead_id": None,
+                    "version": 1,
+                    "sync": {
+                        "status": "pending",
+                        "synced_version": None,
+                        "error": None,
+                        "attempts": 0,
+                        "synced_at": None,
+                    },
+                    "created_at": "2026-01-01T00:00:00Z",
+                    "updated_at": "2026-01-01T00:00:00Z",
+                }
+            ]
+        }
+    )
+
+    id: int
+    full_name: str
+    phone: str
+    stage: str
+    bitrix_lead_id: int | None
+    version: int
+    sync: SyncState
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_user(cls, user: User) -> UserRead:
+        return cls(
+            id=user.id,
+            full_name=user.full_name,
+            phone=user.phone,
+            stage=user.stage,
+            bitrix_lead_id=user.bitrix_lead_id,
+            version=user.version,
+            sync=SyncState(
+                status=SyncStatus(user.sync_status),
+                synced_version=user.synced_version,
+                error=user.sync_error,
+                attempts=user.sync_attempts,
+                synced_at=user.synced_at,
+            ),
+            created_at=user.created_at,
+            updated_at=user.updated_at,
+        )
+
+
+class Pagination(BaseModel):
+    total_count: int
+    max_page: int
+
+
+class UserList(BaseModel):
+    items: list[UserRead]
+    pagination: Pagination

@@ -1,0 +1,121 @@
+"""The rules of the users API. Never commits: the request's session does, so the change and
+its outbox event land in one transaction."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import phonenumbers
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from b24sync.contracts import Pattern
+from b24sync.core.exceptions import FieldValidationError, NotFoundError
+from b24sync.core.models import SyncStatus, User
+from b24sync.core.outbox.service import outbox_service
+from b24sync.core.users.repository import UserRepository
+from b24sync.core.users.schemas import UserCreate, UserMove, UserUpdate
+from b24sync.settings import Settings
+
+DEFAULT_STAGE = "NEW"
+
+
+class UserNotFoundError(NotFoundError):
+    def __init__(self, user_id: int) -> None:
+        super().__init__(f"User {user_id} not found")
+
+
+def normalize_phone(raw: str, region: str) -> str:
+    """Parses a phone as a person would type it and returns it in E.164 (+77001112233)."""
+    try:
+        number = phonenumbers.parse(raw, region)
+    except phonenumbers.NumberParseException as exc:
+        raise FieldValidationError("phone", f"not a phone number: {exc}", raw) from exc
+    if not phonenumbers.is_valid_number(number):
+        raise FieldValidationError("phone", "not a valid phone number", raw)
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def check_stage(stage: str, settings: Settings) -> str:
+    if stage not in settings.stages:
+        raise FieldValidationError(
+            "stage", f"unknown stage; allowed: {', '.join(settings.stages)}", stage
+        )
+    return stage
+
+
+class UserService:
+    async def create(self, session: AsyncSession, settings: Settings, data: UserCreate) -> User:
+        phone = normalize_phone(data.phone, settings.default_phone_region)
+        stage = check_stage(data.stage or DEFAULT_STAGE, settings)
+        repository = UserRepository(session)
+        # The id is not known before the insert: the repository writes it into the event.
+        unsaved = User(id=0, full_name=data.full_name, phone=phone, stage=stage, version=1)
+        event = outbox_service.draft(unsaved, Pattern.USER_CREATED, settings.rabbitmq_reply_queue)
+        return await repository.create(
+            full_name=data.full_name, phone=phone, stage=stage, event=event
+        )
+
+    async def get(self, session: AsyncSession, user_id: int) -> User:
+        user = await UserRepository(session).get(user_id)
+        if user is None:
+            raise UserNotFoundError(user_id)
+        return user
+
+    async def list(
+        self,
+        session: AsyncSession,
+        *,
+        stage: str | None,
+        sync_status: SyncStatus | None,
+        page: int,
+        limit: int,
+    ) -> tuple[list[User], int, int]:
+        users, total = await UserRepository(session).list(
+            stage=stage,
+            sync_status=sync_status.value if sync_status else None,
+            limit=limit,
+            offset=(page - 1) * limit,
+        )
+        return list(users), total, max(1, math.ceil(total / limit))
+
+    async def update(
+        self, session: AsyncSession, settings: Settings, user_id: int, data: UserUpdate
+    ) -> User:
+        changes: dict[str, Any] = {}
+        if data.full_name is not None:
+            changes["full_name"] = data.full_name
+        if data.phone is not None:
+            changes["phone"] = normalize_phone(data.phone, settings.default_phone_region)
+        if data.stage is not None:
+            changes["stage"] = check_stage(data.stage, settings)
+        return await self._apply(session, settings, user_id, changes, Pattern.USER_UPDATED)
+
+    async def move(
+        self, session: AsyncSession, settings: Settings, user_id: int, data: UserMove
+    ) -> User:
+        changes = {"stage": check_stage(data.stage, settings)}
+        return await self._apply(session, settings, user_id, changes, Pattern.USER_MOVED)
+
+    async def _apply(
+        self,
+        session: AsyncSession,
+        settings: Settings,
+        user_id: int,
+        changes: dict[str, Any],
+        pattern: Pattern,
+    ) -> User:
+        repository = UserRepository(session)
+        user = await repository.get(user_id, for_update=True)
+        if user is None:
+            raise UserNotFoundError(user_id)
+        changes = {key: value for key, value in changes.items() if getattr(user, key) != value}
+        if not changes:
+            # Nothing changed: no new version, nothing for Bitrix24 to do.
+            return user
+        user = await repository.update_fields(user_id, changes)
+        await outbox_service.record(session, user, pattern, settings.rabbitmq_reply_queue)
+        return user
+
+
+user_service = UserService()

@@ -1,0 +1,282 @@
+"""The transactional outbox against the real PostgreSQL and RabbitMQ: every committed change
+reaches the queue in the contract's shape, in order, at least once — also across broker
+outages, several relays and a Core killed mid-batch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from asyncio.subprocess import PIPE, STDOUT
+from collections import defaultdict
+from pathlib import Path
+from uuid import uuid4
+
+import aio_pika
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from b24sync.contracts import Pattern
+from b24sync.core.models import OutboxEvent, User
+from b24sync.core.outbox.relay import Relay, waves
+from b24sync.core.outbox.repository import PendingEvent
+from b24sync.core.outbox.service import build_event
+from b24sync.messaging import make_broker
+from b24sync.settings import Settings
+from tests.core.helpers import (
+    Sessions,
+    create_user,
+    event_ids,
+    move_user,
+    rename_user,
+    running_core,
+    unpublished,
+)
+from tests.core.rabbit import BrokerProxy, Received, drain, publish_raw, queue_depth
+
+CORE = str(Path(sys.executable).parent / "b24sync")
+
+
+def versions_by_user(messages: list[Received]) -> dict[int, list[int]]:
+    seen: dict[int, list[int]] = defaultdict(list)
+    for message in messages:
+        user = message.body["data"]["user"]
+        seen[user["id"]].append(user["version"])
+    return seen
+
+
+def test_waves_keep_each_users_events_apart_and_in_order() -> None:
+    events = [PendingEvent(uuid4(), seq, user, {}) for seq, user in enumerate([1, 2, 1, 3, 1, 2])]
+    grouped = waves(events)
+    assert [[(e.seq, e.user_id) for e in wave] for wave in grouped] == [
+        [(0, 1), (1, 2), (3, 3)],
+        [(2, 1), (5, 2)],
+        [(4, 1)],
+    ]
+
+
+async def test_committed_changes_reach_the_queue_in_contract_shape(
+    running_app: httpx.AsyncClient,
+    core_settings: Settings,
+    committed: Sessions,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    created = await running_app.post(
+        "/users", json={"full_name": "Иван Иванов", "phone": "+77001112233", "stage": "NEW"}
+    )
+    user_id = created.json()["id"]
+    await running_app.patch(
+        f"/users/{user_id}",
+        json={"full_name": "Иван Петров", "phone": "+77001112233", "stage": "IN_PROCESS"},
+    )
+    await running_app.post(f"/users/{user_id}/move", json={"stage": "CONVERTED"})
+
+    messages = await drain(core_settings.rabbitmq_queue, 3)
+    reply_queue = core_settings.rabbitmq_reply_queue
+    user = {"id": user_id, "full_name": "Иван Иванов", "phone": "+77001112233", "stage": "NEW"}
+    expected = [
+        ("user_created", "create_card", {**user, "version": 1}),
+        ("user_updated", "update_card", {**user, "full_name": "Иван Петров",
+                                         "stage": "IN_PROCESS", "version": 2}),
+        ("user_moved", "move_card", {**user, "full_name": "Иван Петров",
+                                     "stage": "CONVERTED", "version": 3}),
+    ]  # fmt: skip
+    assert [m.body for m in messages] == [
+        {
+            "pattern": pattern,
+            "data": {
+                "action": action,
+                "user": {**payload, "bitrix_lead_id": None},
+                "replyQueue": reply_queue,
+            },
+        }
+        for pattern, action, payload in expected
+    ]
+    assert all(m.delivery_mode == aio_pika.DeliveryMode.PERSISTENT for m in messages)
+    assert all(m.content_type == "application/json" for m in messages)
+    assert [m.message_id for m in messages] == await event_ids(committed)
+    assert await unpublished(committed) == 0
+    logged = capfd.readouterr().out
+    assert "[Core] Connected to RabbitMQ successfully" in logged
+    assert '[Core] About to emit message to BITRIX_SERVICE: {"pattern": "user_created"' in logged
+    assert logged.count("[Core] Message emitted successfully") >= 3
+
+
+async def test_events_of_each_user_leave_in_commit_order(
+    running_app: httpx.AsyncClient, core_settings: Settings, committed: Sessions
+) -> None:
+    users = [await create_user(committed, core_settings, f"User {n}") for n in range(5)]
+
+    async def churn(user: User) -> None:
+        for step in range(6):
+            await rename_user(committed, core_settings, user.id, f"User {user.id} step {step}")
+            await move_user(committed, core_settings, user.id, ["JUNK", "NEW"][step % 2])
+
+    await asyncio.gather(*(churn(user) for user in users))
+
+    messages = await drain(core_settings.rabbitmq_queue, 5 * 13)
+    assert versions_by_user(messages) == {user.id: list(range(1, 14)) for user in users}
+
+
+async def test_broker_down_keeps_writes_and_events_flow_when_back(
+    core_settings: Settings, committed: Sessions
+) -> None:
+    proxy = BrokerProxy()  # not listening yet: RabbitMQ is "down"
+    settings = core_settings.model_copy(update={"rabbitmq_url": proxy.url})
+    async with running_core(settings) as http:
+        ready = await http.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["checks"] == {"postgresql": "ok", "rabbitmq": "unreachable"}
+        for n in range(3):
+            response = await http.post(
+                "/users", json={"full_name": f"Offline {n}", "phone": "+77001112233"}
+            )
+            assert response.status_code == 201
+        assert await unpublished(committed) == 3
+
+        await proxy.start()
+        first = await drain(settings.rabbitmq_queue, 3)
+        # Order is kept per user; these are three users.
+        assert sorted(m.body["data"]["user"]["full_name"] for m in first) == [
+            "Offline 0",
+            "Offline 1",
+            "Offline 2",
+        ]
+
+        # The connection drops while Core runs; a write in the gap goes out after reconnect.
+        await proxy.stop()
+        response = await http.post("/users", json={"full_name": "Gap", "phone": "+77001112233"})
+        assert response.status_code == 201
+        await proxy.start()
+        second = await drain(settings.rabbitmq_queue, 1)
+        assert [m.body["data"]["user"]["full_name"] for m in second] == ["Gap"]
+
+        # The reply consumer came back with the connection too.
+        user_id = response.json()["id"]
+        reply = {"status": "success", "action": "create_card", "bitrix_lead_id": 77,
+                 "user": {"id": user_id, "version": 1}}  # fmt: skip
+        await publish_raw(settings.rabbitmq_reply_queue, json.dumps(reply))
+        for _ in range(200):
+            user = (await http.get(f"/users/{user_id}")).json()
+            if user["sync"]["status"] == "synced":
+                break
+            await asyncio.sleep(0.05)
+        assert user["bitrix_lead_id"] == 77
+        assert user["sync"]["status"] == "synced"
+    await proxy.stop()
+    assert await unpublished(committed) == 0
+
+
+async def test_two_relays_keep_per_user_order(
+    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+) -> None:
+    settings = core_settings.model_copy(update={"outbox_batch_size": 7})
+    brokers = [make_broker(settings.rabbitmq_url) for _ in range(2)]
+    for broker in brokers:
+        await broker.connect()
+    relays = [asyncio.create_task(Relay(settings, engine, broker).run()) for broker in brokers]
+    try:
+        users = [await create_user(committed, settings, f"Pair {n}") for n in range(6)]
+
+        async def churn(user: User) -> None:
+            for step in range(8):
+                await rename_user(committed, settings, user.id, f"Pair {user.id}.{step}")
+
+        await asyncio.gather(*(churn(user) for user in users))
+        messages = await drain(settings.rabbitmq_queue, 6 * 9)
+    finally:
+        for relay in relays:
+            relay.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
+        for broker in brokers:
+            await broker.stop()
+    assert versions_by_user(messages) == {user.id: list(range(1, 10)) for user in users}
+    assert len({m.message_id for m in messages}) == len(messages)
+
+
+async def test_core_killed_mid_batch_loses_nothing(
+    core_settings: Settings, engine: AsyncEngine, committed: Sessions, tmp_path: Path
+) -> None:
+    total = 1500
+    async with committed() as session, session.begin():
+        rows = await session.execute(
+            text(
+                "INSERT INTO users (full_name, phone, stage)"
+                " SELECT 'Bulk ' || n, '+77001112233', 'NEW' FROM generate_series(1, :n) AS n"
+                " RETURNING id, full_name, phone, stage, version, bitrix_lead_id"
+            ),
+            {"n": total},
+        )
+        events = []
+        for row in rows:
+            user = User(**row._asdict())
+            body = build_event(user, Pattern.USER_CREATED, core_settings.rabbitmq_reply_queue)
+            events.append({"id": uuid4(), "user_id": user.id,
+                           "pattern": "user_created", "body": body.wire()})  # fmt: skip
+        await session.execute(OutboxEvent.__table__.insert(), events)
+    all_ids = set(await event_ids(committed))
+
+    env = {
+        **os.environ,
+        "DATABASE_URL": core_settings.database_url,
+        "RABBITMQ_URL": core_settings.rabbitmq_url,
+        "RABBITMQ_QUEUE": core_settings.rabbitmq_queue,
+        "RABBITMQ_REPLY_QUEUE": core_settings.rabbitmq_reply_queue,
+        "PORT": str(core_settings.port),
+        # One batch for everything: it is still open when the process dies.
+        "OUTBOX_BATCH_SIZE": str(total * 2),
+        "LOG_LEVEL": "WARNING",
+    }
+    core = await asyncio.create_subprocess_exec(CORE, "core", env=env, cwd=tmp_path)
+    try:
+        while await queue_depth(core_settings.rabbitmq_queue) == 0:
+            assert core.returncode is None, "Core exited before publishing"
+            await asyncio.sleep(0.02)
+    finally:
+        core.send_signal(signal.SIGKILL)
+        await core.wait()
+    published_before_kill = await queue_depth(core_settings.rabbitmq_queue)
+    assert 0 < published_before_kill < total
+    assert await unpublished(committed) == total  # the batch never committed
+
+    broker = make_broker(core_settings.rabbitmq_url)
+    await broker.connect()
+    relay = asyncio.create_task(Relay(core_settings, engine, broker).run())
+    try:
+        messages = await drain(core_settings.rabbitmq_queue, published_before_kill + total)
+    finally:
+        relay.cancel()
+        await asyncio.gather(relay, return_exceptions=True)
+        await broker.stop()
+    assert {m.message_id for m in messages} == all_ids
+    assert len(messages) == published_before_kill + total
+    assert await unpublished(committed) == 0
+
+
+async def test_core_refuses_to_start_on_unmigrated_database(
+    core_settings: Settings, tmp_path: Path
+) -> None:
+    empty = make_url(core_settings.database_url).set(database="postgres")
+    env = {**os.environ, "DATABASE_URL": empty.render_as_string(hide_password=False),
+           "PORT": str(core_settings.port)}  # fmt: skip
+    core = await asyncio.create_subprocess_exec(
+        CORE, "core", env=env, cwd=tmp_path, stdout=PIPE, stderr=STDOUT
+    )
+    output, _ = await asyncio.wait_for(core.communicate(), 60)
+    assert core.returncode == 1
+    assert "run `b24sync migrate` first" in output.decode()
+
+
+async def test_readyz_when_everything_is_up(running_app: httpx.AsyncClient) -> None:
+    for _ in range(100):  # the broker connects in the background right after startup
+        response = await running_app.get("/readyz")
+        if response.status_code == 200:
+            break
+        await asyncio.sleep(0.05)
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready", "checks": {"postgresql": "ok", "rabbitmq": "ok"}}
