@@ -88,8 +88,10 @@ def configure_logging(level: str = "INFO", json: bool = False, secrets: Iterable
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # httpx logs every request URL at INFO: the URL holds the webhook code.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # httpx logs every request URL at INFO (the URL holds the webhook code); httpcore's
+    # DEBUG trace is noise.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> Any:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import signal
 from urllib.parse import urlsplit
 
 from bullmq import Queue, Worker
@@ -16,7 +15,7 @@ from redis.asyncio import Redis
 
 from b24sync.bitrix.client import BitrixClient
 from b24sync.bitrix.consumer import EventConsumer
-from b24sync.bitrix.http import HttpServer, create_app
+from b24sync.bitrix.http import create_app
 from b24sync.bitrix.jobs import JobHandler, attach_job_logging, job_options, job_pending
 from b24sync.bitrix.leads import Leads
 from b24sync.bitrix.ratelimit import RateLimiter
@@ -24,6 +23,7 @@ from b24sync.bitrix.replies import ReplySender
 from b24sync.bitrix.state import UserLocks, UserStateStore
 from b24sync.logs import configure_logging, get_logger, register_secret
 from b24sync.messaging import describe_url, make_broker
+from b24sync.serving import EmbeddedServer, wait_for_stop_signal
 from b24sync.settings import Settings
 
 log = get_logger(__name__)
@@ -49,7 +49,7 @@ class BitrixService:
         self._worker: Worker | None = None
         self._worker_task: asyncio.Task[None] | None = None
         self._consumer: EventConsumer | None = None
-        self._http: HttpServer | None = None
+        self._http: EmbeddedServer | None = None
 
     async def start(self) -> None:
         try:
@@ -117,8 +117,12 @@ class BitrixService:
 
         self._consumer = EventConsumer(settings, self._queue, locks, replies)
         await self._consumer.start()
-        self._http = HttpServer(
-            create_app(self.readiness), settings.host, settings.bitrix_http_port
+        self._http = EmbeddedServer(
+            create_app(self.readiness),
+            settings.host,
+            settings.bitrix_http_port,
+            log_level="warning",
+            lifespan="off",
         )
         await self._http.start()
         log.info(
@@ -176,15 +180,14 @@ class BitrixService:
 
 async def serve(settings: Settings) -> None:
     """Runs the service until SIGTERM or SIGINT."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     service = BitrixService(settings)
+    # Listening from the start: a signal during start-up stops the service right after it.
+    stop_signal = asyncio.create_task(wait_for_stop_signal())
     try:
         await service.start()
-        await stop.wait()
+        await stop_signal
     finally:
+        stop_signal.cancel()
         await service.stop()
 
 

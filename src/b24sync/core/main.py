@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import gc
 import sys
+from typing import Any
 
 import uvicorn
+import uvloop
 from sqlalchemy.exc import DBAPIError
 
 from b24sync.core.db import create_engine
 from b24sync.core.migrate import SchemaNotReadyError, check_schema
 from b24sync.logs import configure_logging, get_logger
+from b24sync.serving import EmbeddedServer, wait_for_stop_signal
 from b24sync.settings import Settings
 
 log = get_logger(__name__)
@@ -54,23 +57,33 @@ def run(settings: Settings) -> None:
         )
         sys.exit(1)
     options = {
-        "host": settings.host,
-        "port": settings.port,
-        "loop": "uvloop",
         "http": "httptools",
-        "access_log": False,
-        "log_config": None,  # keep the structlog handlers configured above
         "timeout_graceful_shutdown": int(settings.shutdown_timeout_s),
     }
     tune_gc()
     if settings.core_workers > 1:
+        # uvicorn's process manager forks the workers and forwards signals to them.
         uvicorn.run(
             "b24sync.core.app:app_from_environment",
+            host=settings.host,
+            port=settings.port,
             factory=True,
             workers=settings.core_workers,
+            loop="uvloop",
+            access_log=False,
+            log_config=None,  # keep the structlog handlers configured above
             **options,  # type: ignore[arg-type]
         )
     else:
-        from b24sync.core.app import create_app
+        uvloop.run(_serve(settings, options))
 
-        uvicorn.run(create_app(settings), **options)  # type: ignore[arg-type]
+
+async def _serve(settings: Settings, options: dict[str, Any]) -> None:
+    from b24sync.core.app import create_app
+
+    server = EmbeddedServer(create_app(settings), settings.host, settings.port, **options)
+    await server.start()
+    try:
+        await wait_for_stop_signal()
+    finally:
+        await server.stop()

@@ -80,17 +80,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
-import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from types import TracebackType
 
-import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from b24sync.logs import configure_logging, get_logger
 from b24sync.portal.app import create_app
 from b24sync.portal.state import Portal
+from b24sync.serving import EmbeddedServer, wait_for_stop_signal
 from b24sync.settings import Settings
 
 __all__ = ["Portal", "PortalServer", "create_app", "run", "serve_portal"]
@@ -124,28 +122,6 @@ def _is_rest_request(data: bytes) -> bool:
     return not target.startswith(_ALWAYS_SERVED)
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # The host program owns the signals: a test, or `_serve_until_stopped`.
-        yield
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """Binds here rather than in uvicorn, which would exit the process on a busy port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # An explicit IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted sockets only when the
-    # listener says TCP, and without it every answer waits ~40 ms for a delayed ACK.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 class PortalServer:
     """The emulator on `settings.portal_host:settings.portal_port`, served by uvicorn in a task
     of the current event loop. `start()` returns once connections are accepted."""
@@ -153,8 +129,7 @@ class PortalServer:
     def __init__(self, settings: Settings, portal: Portal | None = None) -> None:
         self.settings = settings
         self.portal = portal or Portal(settings)
-        self._server: _Server | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._server: EmbeddedServer | None = None
 
     @property
     def base_url(self) -> str:
@@ -165,34 +140,29 @@ class PortalServer:
 
     async def start(self) -> str:
         await self.portal.open()
-        sock = _listen(self.settings.portal_host, self.settings.portal_port)
-        config = uvicorn.Config(
+        server = EmbeddedServer(
             create_app(self.settings, self.portal),
+            self.settings.portal_host,
+            self.settings.portal_port,
             http=_protocol_for(self.portal),
             lifespan="on",
-            log_config=None,
-            access_log=False,  # access lines would carry the webhook code
             timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
         )
-        self._server = _Server(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._task.done():
-                sock.close()
-                await self.portal.close()
-                self._task.result()
-                raise RuntimeError("the portal emulator stopped while starting")
-            await asyncio.sleep(0.01)
+        try:
+            await server.start()
+        except BaseException:
+            await self.portal.close()
+            raise
+        self._server = server
         return self.base_url
 
     async def stop(self) -> None:
-        if self._server is None or self._task is None:
+        if self._server is None:
             return
         self.portal.stop_waiting()
-        self._server.should_exit = True
-        await self._task
+        await self._server.stop()
         await self.portal.close()
-        self._server = self._task = None
+        self._server = None
 
     async def __aenter__(self) -> PortalServer:
         await self.start()
@@ -215,12 +185,6 @@ async def serve_portal(settings: Settings, portal: Portal | None = None) -> Asyn
 
 
 async def _serve_until_stopped(settings: Settings) -> None:
-    # Our own handlers rather than uvicorn's, which re-raise the signal after shutdown and so
-    # end the process with -SIGTERM instead of 0.
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop_requested.set)
     server = PortalServer(settings)
     await server.start()
     log.info(
@@ -230,7 +194,7 @@ async def _serve_until_stopped(settings: Settings) -> None:
         state_file=settings.portal_state_file,
     )
     try:
-        await stop_requested.wait()
+        await wait_for_stop_signal()
     finally:
         await server.stop()
     log.info("Bitrix24 portal emulator stopped")

@@ -1,0 +1,76 @@
+"""Serving an ASGI app inside a service's own event loop, the same way in every service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+
+class _Server(uvicorn.Server):
+    # The host program owns SIGTERM/SIGINT. uvicorn's own handling re-raises the signal after
+    # shutdown, which ends the process with -SIGTERM instead of exit code 0.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Binds here rather than in uvicorn, which would exit the process on a busy port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # An explicit IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted sockets only when the
+    # listener says TCP, and without it every answer waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class EmbeddedServer:
+    """uvicorn serving `app` in a task of the current loop; `start()` returns once it accepts."""
+
+    def __init__(self, app: Any, host: str, port: int, **config: Any) -> None:
+        config.setdefault("access_log", False)  # request lines can carry secrets
+        config.setdefault("log_config", None)  # keep the structlog handlers
+        self.host = host
+        self.port = port
+        self._server = _Server(uvicorn.Config(app, **config))
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        sock = bind_socket(self.host, self.port)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._task.done():
+                sock.close()
+                self._task.result()  # raises why it could not start
+                raise RuntimeError("the HTTP server stopped while starting")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._server.should_exit = True
+            await self._task
+            self._task = None
+
+
+async def wait_for_stop_signal() -> None:
+    """Returns on the first SIGINT or SIGTERM."""
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_requested.set)
+    try:
+        await stop_requested.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
