@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import aio_pika
+from aio_pika.abc import AbstractQueue
 from bullmq import Queue
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
@@ -364,34 +365,66 @@ async def test_stop_is_bounded_and_another_service_finishes_the_cut_job(
     await bus.assert_no_reply(within=0.5)
 
 
+async def _break_reply_queue(bus: Bus, name: str) -> AbstractQueue:
+    """A reply queue RabbitMQ refuses our declaration of: publishing a reply to it fails."""
+    return await bus.channel.declare_queue(name, durable=False, auto_delete=True)
+
+
+async def _reply_once_repaired(bus: Bus, broken: AbstractQueue) -> dict[str, Any]:
+    """Replaces the broken reply queue with a working one and returns the reply that arrives."""
+    name = broken.name
+    await broken.delete(if_unused=False, if_empty=False)
+    queue = await bus.channel.declare_queue(name, durable=True)
+    try:
+        for _ in range(100):
+            message = await queue.get(fail=False)
+            if message is not None:
+                reply: dict[str, Any] = json.loads(message.body)["data"]
+                return reply
+            await asyncio.sleep(0.1)
+        raise AssertionError("no reply after the reply queue was repaired")
+    finally:
+        await queue.delete(if_unused=False, if_empty=False)
+
+
+def _jobs_counted(outcome: str) -> float:
+    return REGISTRY.get_sample_value("b24sync_bitrix_jobs_total", {"outcome": outcome}) or 0
+
+
+async def _counted_more(outcome: str, before: float) -> None:
+    async def grew() -> bool:
+        return _jobs_counted(outcome) > before
+
+    await eventually(grew)
+
+
 async def test_a_failed_reply_fails_the_attempt_and_the_retry_replies(
     start_service: ServiceFactory, portal: object, bus: Bus, admin: Admin, settings: Settings
 ) -> None:
     await start_service(job_backoff_ms=1000)
-    # A reply queue RabbitMQ refuses to take our declaration of: publishing the reply fails.
-    reply_queue = f"{settings.rabbitmq_reply_queue}.broken"
-    broken = await bus.channel.declare_queue(reply_queue, durable=False, auto_delete=True)
-    retries_before = REGISTRY.get_sample_value("b24sync_bitrix_jobs_total", {"outcome": "retry"})
-    await bus.publish(event("create_card", 84, reply_queue=reply_queue))
+    broken = await _break_reply_queue(bus, f"{settings.rabbitmq_reply_queue}.broken")
+    retries_before = _jobs_counted("retry")
+    await bus.publish(event("create_card", 84, reply_queue=broken.name))
 
-    async def retried() -> bool:
-        retries = REGISTRY.get_sample_value("b24sync_bitrix_jobs_total", {"outcome": "retry"})
-        return (retries or 0) > (retries_before or 0)
+    await _counted_more("retry", retries_before)
+    reply = await _reply_once_repaired(bus, broken)
+    (lead,) = await admin.leads()
+    assert (reply["status"], reply["attempts"]) == ("success", 2)
+    assert reply["bitrix_lead_id"] == int(lead["ID"])
 
-    await eventually(retried)
-    await broken.delete(if_unused=False, if_empty=False)
-    queue = await bus.channel.declare_queue(reply_queue, durable=True)
-    try:
-        message = None
-        for _ in range(100):
-            message = await queue.get(fail=False)
-            if message is not None:
-                break
-            await asyncio.sleep(0.1)
-        assert message is not None
-        reply = json.loads(message.body)["data"]
-        (lead,) = await admin.leads()
-        assert (reply["status"], reply["attempts"]) == ("success", 2)
-        assert reply["bitrix_lead_id"] == int(lead["ID"])
-    finally:
-        await queue.delete(if_unused=False, if_empty=False)
+
+async def test_an_unsent_final_error_reply_keeps_the_job_until_it_is_sent(
+    start_service: ServiceFactory, portal: object, bus: Bus, admin: Admin, settings: Settings
+) -> None:
+    await start_service(job_backoff_ms=200)
+    await admin.script(
+        method="crm.lead.list", times=100, kind="error", status=401, error="NO_AUTH_FOUND"
+    )
+    broken = await _break_reply_queue(bus, f"{settings.rabbitmq_reply_queue}.broken")
+    delayed_before = _jobs_counted("delayed")
+    await bus.publish(event("create_card", 85, reply_queue=broken.name))
+
+    await _counted_more("delayed", delayed_before)
+    reply = await _reply_once_repaired(bus, broken)
+    assert (reply["status"], reply["error_code"]) == ("error", "NO_AUTH_FOUND")
+    assert await admin.leads() == []

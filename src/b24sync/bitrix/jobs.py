@@ -99,6 +99,7 @@ class JobHandler:
         self._locks = locks
         self._replies = replies
         self._busy_delay_ms = settings.user_busy_delay_ms
+        self._reply_retry_ms = settings.job_backoff_ms
 
     async def __call__(self, job: Any, token: str) -> dict[str, Any]:
         attempt = int(job.attemptsMade) + 1
@@ -125,7 +126,7 @@ class JobHandler:
             )
             raise DelayedError() from None
         except Exception as exc:
-            await self._fail(job, payload, exc, attempt, max_attempts)
+            await self._fail(job, token, payload, exc, attempt, max_attempts)
             raise
         await self._locks.finish(user_id, job.id)
         outcome = "skipped" if reply.skipped else "success"
@@ -173,10 +174,19 @@ class JobHandler:
         )
 
     async def _fail(
-        self, job: Any, payload: JobPayload, exc: Exception, attempt: int, max_attempts: int
+        self,
+        job: Any,
+        token: str,
+        payload: JobPayload,
+        exc: Exception,
+        attempt: int,
+        max_attempts: int,
     ) -> None:
         """Logs a failed attempt; sends the error reply when no attempt follows. Raises
-        `UnrecoverableError` to stop the retries of a permanent error once it is answered."""
+        `UnrecoverableError` to stop the retries of a permanent error once it is answered.
+
+        A final reply that cannot be published keeps the job (and the user's turn): it is
+        postponed and runs again, so Core is never left without an answer."""
         reason = describe_failure(exc)
         log.error(f"[Bitrix] Error processing job (attempt {attempt}/{max_attempts}): {reason}")
         permanent = isinstance(exc, BitrixError) and not exc.transient
@@ -188,17 +198,26 @@ class JobHandler:
         if not permanent:
             log.error("[Bitrix] All retry attempts exhausted, sending error reply")
         event = payload.event
-        await self._send(
-            payload,
-            ReplyData(
-                status=ReplyStatus.ERROR,
-                action=event.data.action,
-                user=event.data.user,
-                attempts=attempt,
-                reason=reason,
-                error_code=exc.code if isinstance(exc, BitrixError) else None,
-            ),
-        )
+        try:
+            await self._send(
+                payload,
+                ReplyData(
+                    status=ReplyStatus.ERROR,
+                    action=event.data.action,
+                    user=event.data.user,
+                    attempts=attempt,
+                    reason=reason,
+                    error_code=exc.code if isinstance(exc, BitrixError) else None,
+                ),
+            )
+        except Exception as send_exc:
+            log.error(
+                f"[Bitrix] Could not send the error reply of job {job.id} "
+                f"({describe_failure(send_exc)}); trying again in {self._reply_retry_ms}ms"
+            )
+            await job.moveToDelayed(int(time.time() * 1000) + self._reply_retry_ms, token)
+            metrics.JOBS.labels(outcome="delayed").inc()
+            raise DelayedError() from None
         await self._locks.finish(event.data.user.id, job.id)
         metrics.JOBS.labels(outcome="error").inc()
         metrics.JOB_ATTEMPTS.observe(attempt)
