@@ -70,7 +70,7 @@ def core_process(port: int, queue: str, **env: str) -> Iterator[subprocess.Popen
         "HOST": "127.0.0.1",
         **env,
     }
-    # Core's own log (INFO: three lines per request) stays out of the results folder.
+    # Core's own log (at INFO, the relay's two lines per event) stays out of the results folder.
     log = (Path(tempfile.gettempdir()) / f"b24sync-{queue}.log").open("w")
     process = subprocess.Popen([CORE, "core"], env=environment, stdout=log, stderr=log)
     base_url = f"http://127.0.0.1:{port}"
@@ -122,12 +122,21 @@ class KeepAliveConnection:
         reader, writer = await asyncio.open_connection(host, port)
         return cls(reader, writer)
 
-    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+    @staticmethod
+    def encode(method: str, path: str, body: bytes = b"") -> bytes:
+        """A whole request, ready to send again and again."""
         head = (
             f"{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         )
-        self.writer.write(head.encode() + body)
+        return head.encode() + body
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        return await self.send(self.encode(method, path, body))
+
+    async def send(self, request: bytes) -> tuple[int, bytes]:
+        """Sends an encoded request and reads its response (no pipelining)."""
+        self.writer.write(request)
         header = await self.reader.readuntil(b"\r\n\r\n")
         status = int(header[9:12])
         length = 0
@@ -151,6 +160,44 @@ def cpu_seconds(process: subprocess.Popen[bytes]) -> float:
             times = member.cpu_times()
             total += times.user + times.system
     return total
+
+
+def service_cpu_seconds() -> dict[str, float]:
+    """CPU time used so far by the PostgreSQL and RabbitMQ servers (all their processes, so
+    whatever else uses them on this machine counts too)."""
+    totals = {"postgresql": 0.0, "rabbitmq": 0.0}
+    for process in psutil.process_iter(["username", "cpu_times"]):
+        service = {"postgres": "postgresql", "rabbitmq": "rabbitmq"}.get(
+            process.info["username"] or ""
+        )
+        times = process.info["cpu_times"]
+        if service is not None and times is not None:
+            totals[service] += times.user + times.system
+    return totals
+
+
+async def outbox_backlog() -> dict[str, int]:
+    """Events in the bench database's outbox: all of them, and those not yet published."""
+    connection = await asyncpg.connect(asyncpg_dsn(DATABASE_URL))
+    try:
+        row = await connection.fetchrow(
+            "SELECT count(*) AS events, count(*) FILTER (WHERE published_at IS NULL) AS pending"
+            " FROM outbox_events"
+        )
+    finally:
+        await connection.close()
+    return {"events": row["events"], "pending": row["pending"]}
+
+
+def cpu_speed_ms() -> float:
+    """CPU time of a fixed piece of pure Python work, best of five: on a shared virtual machine
+    the same code runs measurably slower at times, and this tells such runs apart."""
+    best = float("inf")
+    for _ in range(5):
+        start = time.process_time()
+        sum(n * n for n in range(300_000))
+        best = min(best, time.process_time() - start)
+    return round(best * 1000, 2)
 
 
 def write_result(name: str, result: dict[str, Any]) -> None:

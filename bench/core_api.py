@@ -3,7 +3,8 @@
 Core runs as `b24sync core` in a subprocess; the load comes from another process: N
 keep-alive connections, each sending the next request as soon as the previous one is answered.
 
-    .venv/bin/python bench/core_api.py [--connections 16] [--seconds 10] [--workers 2]
+    .venv/bin/python bench/core_api.py [--connections 16] [--seconds 10] [--workers 1]
+                                         [--no-relay-process]
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ from _common import (
     KeepAliveConnection,
     core_process,
     cpu_seconds,
+    cpu_speed_ms,
     delete_queues,
     free_port,
+    outbox_backlog,
     percentile,
     prepare_database,
+    service_cpu_seconds,
     write_result,
 )
 
@@ -39,7 +43,8 @@ async def _load(port: int, connections: int, seconds: float, warmup: float) -> d
     latencies: list[float] = []
     errors = 0
     sent = 0
-    body = json.dumps(BODY).encode()
+    request = KeepAliveConnection.encode("POST", "/users", json.dumps(BODY).encode())
+    cpu_start = time.process_time()
     start = time.perf_counter()
     measure_from = start + warmup
     stop = measure_from + seconds
@@ -49,7 +54,7 @@ async def _load(port: int, connections: int, seconds: float, warmup: float) -> d
         connection = await KeepAliveConnection.open("127.0.0.1", port)
         try:
             while (now := time.perf_counter()) < stop:
-                status, _ = await connection.request("POST", "/users", body)
+                status, _ = await connection.send(request)
                 done = time.perf_counter()
                 sent += 1
                 if now >= measure_from:
@@ -61,7 +66,13 @@ async def _load(port: int, connections: int, seconds: float, warmup: float) -> d
             await connection.close()
 
     await asyncio.gather(*(worker() for _ in range(connections)))
-    return {"latencies": latencies, "errors": errors, "seconds": seconds, "sent": sent}
+    return {
+        "latencies": latencies,
+        "errors": errors,
+        "seconds": seconds,
+        "sent": sent,
+        "cpu_s": time.process_time() - cpu_start,
+    }
 
 
 def _load_process(port: int, connections: int, seconds: float, warmup: float, out: Any) -> None:
@@ -75,17 +86,30 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--workers", type=int, default=2, help="Core's uvicorn workers")
+    parser.add_argument("--workers", type=int, default=1, help="Core's HTTP worker processes")
+    parser.add_argument(
+        "--relay-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the outbox relay in a process of its own (OUTBOX_RELAY_PROCESS)",
+    )
     parser.add_argument("--log-level", default="INFO", help="Core's LOG_LEVEL")
     args = parser.parse_args()
 
     prepare_database()
+    speed_before = cpu_speed_ms()
     queue = "bench.core_api"
-    env = {"CORE_WORKERS": str(args.workers), "LOG_LEVEL": args.log_level}
+    env = {
+        "CORE_WORKERS": str(args.workers),
+        "LOG_LEVEL": args.log_level,
+        "OUTBOX_RELAY_PROCESS": str(args.relay_process).lower(),
+    }
     port = free_port()
     try:
         with core_process(port, queue, **env) as core:
             core_cpu_before = cpu_seconds(core)
+            services_before = service_cpu_seconds()
+            machine_before = psutil.cpu_times()
             psutil.cpu_percent()  # starts the machine-wide measurement
             results: Any = multiprocessing.get_context("spawn").Queue()
             loader = multiprocessing.get_context("spawn").Process(
@@ -97,14 +121,32 @@ def main() -> None:
             loader.join()
             machine_busy = psutil.cpu_percent()
             core_cpu = cpu_seconds(core) - core_cpu_before
+            services_after = service_cpu_seconds()
+            machine_after = psutil.cpu_times()
+            # The API's throughput only counts if the relay keeps up: what is still unpublished
+            # when the load stops, and how long the relay then takes to catch up.
+            backlog = asyncio.run(outbox_backlog())
+            stopped = time.perf_counter()
+            while asyncio.run(outbox_backlog())["pending"] and time.perf_counter() < stopped + 60:
+                time.sleep(0.05)
+            drain_s = time.perf_counter() - stopped
     finally:
         asyncio.run(delete_queues(queue, f"{queue}.replies"))
 
     latencies = run["latencies"]
+    spent = {
+        "core": core_cpu,
+        "load_generator": run["cpu_s"],
+        **{name: services_after[name] - used for name, used in services_before.items()},
+    }
+    busy = sum(machine_after) - sum(machine_before) - (machine_after.idle - machine_before.idle)
+    # Anything else that ran meanwhile (the kernel's own threads, other programs): noise.
+    spent["everything_else"] = max(0.0, busy - sum(spent.values()))
     result = {
         "benchmark": "POST /users",
         "connections": args.connections,
         "core_workers": args.workers,
+        "outbox_relay_process": args.relay_process,
         "core_log_level": args.log_level,
         "seconds": args.seconds,
         "requests": len(latencies),
@@ -119,8 +161,18 @@ def main() -> None:
         # Where the CPU went: Core's processes per request (HTTP, outbox, relay, logging), and
         # how busy the whole machine (PostgreSQL, RabbitMQ, the load generator...) was.
         "core_cpu_ms_per_request": round(core_cpu / run["sent"] * 1000, 3),
+        "cpu_ms_per_request": {
+            name: round(seconds / run["sent"] * 1000, 3) for name, seconds in spent.items()
+        },
         "machine_cpu_busy_percent": machine_busy,
+        "outbox": {
+            "events": backlog["events"],
+            "pending_when_load_stopped": backlog["pending"],
+            "drain_s": round(drain_s, 2),
+        },
         "cpus": psutil.cpu_count(),
+        # The same work's CPU time before and after the run (lower is a faster machine).
+        "cpu_speed_check_ms": [speed_before, cpu_speed_ms()],
         "targets": {"requests_per_s": ">= 1000", "p99_ms": "< 50"},
     }
     write_result("core_api", result)

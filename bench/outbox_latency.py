@@ -4,7 +4,8 @@ consumer of the Core -> Bitrix queue.
 Core runs as `b24sync core` in a subprocess; this process sends POST /users at a steady rate
 and consumes the queue at the same time, so both timestamps come from one clock.
 
-    .venv/bin/python bench/outbox_latency.py [--rate 200] [--seconds 10] [--workers 2]
+    .venv/bin/python bench/outbox_latency.py [--rate 200] [--seconds 10] [--workers 1]
+                                              [--no-relay-process]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from _common import (
     RABBITMQ_URL,
     KeepAliveConnection,
     core_process,
+    cpu_speed_ms,
     delete_queues,
     free_port,
     percentile,
@@ -105,14 +107,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rate", type=float, default=200.0, help="POST /users per second")
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--workers", type=int, default=2, help="Core's uvicorn workers")
+    parser.add_argument("--workers", type=int, default=1, help="Core's HTTP worker processes")
+    parser.add_argument(
+        "--relay-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the outbox relay in a process of its own (OUTBOX_RELAY_PROCESS)",
+    )
     parser.add_argument("--log-level", default="INFO", help="Core's LOG_LEVEL")
     args = parser.parse_args()
 
     prepare_database()
+    speed_before = cpu_speed_ms()
     queue = "bench.outbox_latency"
     port = free_port()
-    env = {"CORE_WORKERS": str(args.workers), "LOG_LEVEL": args.log_level}
+    env = {
+        "CORE_WORKERS": str(args.workers),
+        "LOG_LEVEL": args.log_level,
+        "OUTBOX_RELAY_PROCESS": str(args.relay_process).lower(),
+    }
     try:
         with core_process(port, queue, **env):
             run = uvloop.run(measure(port, queue, args.rate, args.seconds))
@@ -125,6 +138,7 @@ def main() -> None:
         "rate_per_s": args.rate,
         "seconds": args.seconds,
         "core_workers": args.workers,
+        "outbox_relay_process": args.relay_process,
         "core_log_level": args.log_level,
         "sent": run["sent"],
         "errors": run["errors"],
@@ -135,6 +149,8 @@ def main() -> None:
             "p99": round(percentile(latencies, 0.99) * 1000, 2),
             "max": round(max(latencies) * 1000, 2),
         },
+        # The same work's CPU time before and after the run (lower is a faster machine).
+        "cpu_speed_check_ms": [speed_before, cpu_speed_ms()],
         "targets": {"p50_ms": "< 20"},
     }
     write_result("outbox_latency", result)

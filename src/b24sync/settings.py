@@ -27,8 +27,12 @@ class Settings(BaseSettings):
     outbox_poll_interval_s: float = 1.0
     # Connections the relay publishes a batch through (see core/outbox/relay.py).
     outbox_publish_lanes: int = 4
-    # Uvicorn worker processes; each runs a relay (one publishes at a time) and a reply consumer.
+    # Uvicorn worker processes; each runs a reply consumer and, unless outbox_relay_process is
+    # set, a relay (one publishes at a time).
     core_workers: int = 1
+    # Run the outbox relay in a process of its own instead of in every HTTP worker, so that
+    # publishing keeps up while the HTTP workers are saturated (see core/outbox/process.py).
+    outbox_relay_process: bool = False
     db_pool_size: int = 20
     db_max_overflow: int = 10
 

@@ -5,6 +5,8 @@ outages, several relays and a Core killed mid-batch."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -12,9 +14,10 @@ import sys
 from asyncio.subprocess import PIPE, STDOUT
 from collections import defaultdict
 from pathlib import Path
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import aio_pika
+import asyncpg  # type: ignore[import-untyped]
 import httpx
 import pytest
 from sqlalchemy import text
@@ -25,7 +28,7 @@ from b24sync.contracts import Pattern
 from b24sync.core.models import OutboxEvent, User
 from b24sync.core.outbox.relay import Relay, waves
 from b24sync.core.outbox.repository import PendingEvent
-from b24sync.core.outbox.service import build_event
+from b24sync.core.outbox.service import EventDraft, build_event, outbox_service
 from b24sync.messaging import make_broker
 from b24sync.settings import Settings
 from tests.core.helpers import (
@@ -258,6 +261,72 @@ async def test_core_killed_mid_batch_loses_nothing(
     assert await unpublished(committed) == 0
 
 
+def _relay_processes(parent: int) -> list[int]:
+    """The parent's children that run the relay (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [
+        int(pid)
+        for pid in children
+        if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"  # a zombie has finished running
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+async def test_relay_in_a_process_of_its_own(
+    core_settings: Settings, committed: Sessions, tmp_path: Path, stop: signal.Signals
+) -> None:
+    env = {
+        **os.environ,
+        "DATABASE_URL": core_settings.database_url,
+        "RABBITMQ_URL": core_settings.rabbitmq_url,
+        "RABBITMQ_QUEUE": core_settings.rabbitmq_queue,
+        "RABBITMQ_REPLY_QUEUE": core_settings.rabbitmq_reply_queue,
+        "PORT": str(core_settings.port),
+        "HOST": "127.0.0.1",
+        "OUTBOX_RELAY_PROCESS": "true",
+        "LOG_LEVEL": "WARNING",
+    }
+    core = await asyncio.create_subprocess_exec(CORE, "core", env=env, cwd=tmp_path)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{core_settings.port}") as http:
+            for _ in range(400):
+                assert core.returncode is None, "Core exited while starting"
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get("/readyz")).status_code == 200:
+                        break
+                await asyncio.sleep(0.05)
+            created = await http.post(
+                "/users", json={"full_name": "Иван Иванов", "phone": "+77001112233"}
+            )
+        assert created.status_code == 201
+        messages = await drain(core_settings.rabbitmq_queue, 1)
+        assert [m.body["data"]["user"]["id"] for m in messages] == [created.json()["id"]]
+        for _ in range(100):  # marked published once the broker's confirm is in
+            if await unpublished(committed) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await unpublished(committed) == 0
+        relays = _relay_processes(core.pid)
+        assert len(relays) == 1
+    finally:
+        core.send_signal(stop)
+        await asyncio.wait_for(core.wait(), 60)
+    assert core.returncode == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
+    for _ in range(100):  # the relay dies with Core, killed or stopped
+        if not _running(relays[0]):
+            break
+        await asyncio.sleep(0.05)
+    assert not _running(relays[0])
+
+
 async def test_core_refuses_to_start_on_unmigrated_database(
     core_settings: Settings, tmp_path: Path
 ) -> None:
@@ -280,3 +349,23 @@ async def test_readyz_when_everything_is_up(running_app: httpx.AsyncClient) -> N
         await asyncio.sleep(0.05)
     assert response.status_code == 200
     assert response.json() == {"status": "ready", "checks": {"postgresql": "ok", "rabbitmq": "ok"}}
+
+
+async def test_a_user_is_never_created_without_its_event(
+    core_settings: Settings, committed: Sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = await create_user(committed, core_settings, "First")
+    [taken] = await event_ids(committed)
+    draft = outbox_service.draft
+
+    def reused_id(user: User, pattern: Pattern, reply_queue: str) -> EventDraft:
+        return dataclasses.replace(draft(user, pattern, reply_queue), id=UUID(taken))
+
+    # The event's insert fails (its id exists): the user's insert must not stay either.
+    monkeypatch.setattr(outbox_service, "draft", reused_id)
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await create_user(committed, core_settings, "Second")
+    async with committed() as session:
+        names = (await session.execute(text("SELECT full_name FROM users"))).scalars().all()
+    assert names == [first.full_name]
+    assert await event_ids(committed) == [taken]

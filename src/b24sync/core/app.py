@@ -15,7 +15,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from b24sync.core.backoff import Backoff
-from b24sync.core.db import create_engine, create_sessionmaker
+from b24sync.core.db import DRIVER_CONNECTION_ERRORS, create_engine, create_sessionmaker
 from b24sync.core.dependencies import require_token
 from b24sync.core.exceptions import CoreError
 from b24sync.core.health import router as health_router
@@ -79,16 +79,17 @@ def create_app(settings: Settings) -> FastAPI:
         broker = make_broker(settings.rabbitmq_url)
         register_reply_consumer(broker, settings.rabbitmq_reply_queue, sessionmaker)
         broker_connected = asyncio.Event()
-        relay = Relay(settings, engine, broker, broker_connected)
         app.state.engine = engine
         app.state.sessionmaker = sessionmaker
         app.state.broker = broker
         tasks = [
             asyncio.create_task(
                 connect_broker(broker, settings.rabbitmq_url, broker_connected), name="broker"
-            ),
-            asyncio.create_task(relay.run(), name="outbox-relay"),
+            )
         ]
+        if not settings.outbox_relay_process:  # otherwise core/outbox/process.py runs it
+            relay = Relay(settings, engine, broker, broker_connected)
+            tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
         try:
             yield
         finally:
@@ -111,8 +112,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.add_middleware(BodySizeLimitMiddleware)
     app.include_router(health_router)
-    app.include_router(users_router, dependencies=[Depends(require_token)])
-    docs = APIRouter(dependencies=[Depends(require_token)], include_in_schema=False)
+    # Without CORE_API_TOKEN there is nothing to check: no dependency to run on every request.
+    token_check = [Depends(require_token)] if settings.core_api_token is not None else []
+    app.include_router(users_router, dependencies=token_check)
+    docs = APIRouter(dependencies=token_check, include_in_schema=False)
 
     @docs.get("/openapi.json")
     async def openapi() -> JSONResponse:
@@ -136,6 +139,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def database_unavailable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("[Core] Database unavailable", error=exc)
         return JSONResponse({"detail": "Database unavailable, try again"}, status_code=503)
+
+    for driver_error in DRIVER_CONNECTION_ERRORS:
+        app.add_exception_handler(driver_error, database_unavailable)
 
     return app
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import asyncpg  # type: ignore[import-untyped]
 from fastapi import Request
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
@@ -14,6 +15,16 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from b24sync.settings import Settings
+
+# Errors of a statement sent straight through the driver that mean the database is gone (the
+# ones SQLAlchemy would have raised as OperationalError or InterfaceError): answered with 503.
+DRIVER_CONNECTION_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+)
 
 
 def async_url(url: str) -> str:

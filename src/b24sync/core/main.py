@@ -13,6 +13,7 @@ from sqlalchemy.exc import DBAPIError
 
 from b24sync.core.db import create_engine
 from b24sync.core.migrate import SchemaNotReadyError, check_schema
+from b24sync.core.outbox import process as outbox_process
 from b24sync.logs import configure_logging, get_logger
 from b24sync.serving import EmbeddedServer, wait_for_stop_signal
 from b24sync.settings import Settings
@@ -61,6 +62,15 @@ def run(settings: Settings) -> None:
         "timeout_graceful_shutdown": int(settings.shutdown_timeout_s),
     }
     tune_gc()
+    relay = outbox_process.start(settings) if settings.outbox_relay_process else None
+    try:
+        _serve_http(settings, options)
+    finally:
+        if relay is not None:
+            outbox_process.stop(relay, settings.shutdown_timeout_s)
+
+
+def _serve_http(settings: Settings, options: dict[str, Any]) -> None:
     if settings.core_workers > 1:
         # uvicorn's process manager forks the workers and forwards signals to them.
         uvicorn.run(
@@ -72,7 +82,7 @@ def run(settings: Settings) -> None:
             loop="uvloop",
             access_log=False,
             log_config=None,  # keep the structlog handlers configured above
-            **options,  # type: ignore[arg-type]
+            **options,
         )
     else:
         uvloop.run(_serve(settings, options))

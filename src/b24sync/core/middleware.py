@@ -21,8 +21,12 @@ class BodySizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._reject(send)
+            if name == b"content-length" and value.isdigit():
+                if int(value) > self.max_bytes:
+                    await self._reject(send)
+                    return
+                # The server delivers exactly Content-Length bytes: nothing left to count.
+                await self.app(scope, receive, send)
                 return
         # Small bodies are read here in full and replayed to the app, so a chunked body that
         # turns out too large is refused before anything ran.

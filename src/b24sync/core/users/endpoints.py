@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path, Query, status
+from fastapi import APIRouter, Body, Path, Query, Response, status
 
 from b24sync.core.dependencies import SessionDep, SettingsDep
 from b24sync.core.models import SyncStatus
@@ -53,8 +53,15 @@ async def create_user(
             }
         ),
     ],
-) -> UserRead:
-    return UserRead.from_user(await user_service.create(session, settings, data))
+) -> Response:
+    user = await user_service.create(session, settings, data)
+    # Serialised here, once: returning the model would have FastAPI validate it again against
+    # response_model (which still documents the body) before serialising it the same way.
+    return Response(
+        UserRead.from_user(user).model_dump_json(),
+        status_code=status.HTTP_201_CREATED,
+        media_type="application/json",
+    )
 
 
 @router.get("", response_model=UserList, summary="List users")

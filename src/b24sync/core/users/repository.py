@@ -2,29 +2,33 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, text, update
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from b24sync.core.db import DRIVER_CONNECTION_ERRORS
 from b24sync.core.models import SyncStatus, User
 from b24sync.core.outbox.repository import NOTIFY_CHANNEL
 from b24sync.core.outbox.service import EventDraft
 
 _USER_COLUMNS = [column.name for column in User.__table__.columns]
-_INSERT_WITH_EVENT = text(
+# The user, its event and the relay's wake-up in one statement, sent straight through the
+# driver (asyncpg's prepared-statement cache): the hottest path skips SQLAlchemy's statement
+# execution, which cost more CPU than the round trip itself. NOTIFY is delivered on commit only.
+_INSERT_WITH_EVENT = (
     "WITH new_user AS ("
-    " INSERT INTO users (full_name, phone, stage) VALUES (:full_name, :phone, :stage)"
+    " INSERT INTO users (full_name, phone, stage) VALUES ($1, $2, $3)"
     " RETURNING *"
     "), event AS ("
     " INSERT INTO outbox_events (id, user_id, pattern, body)"
-    " SELECT :event_id, id, :pattern, jsonb_set(:body, '{data,user,id}', to_jsonb(id))"
+    " SELECT $4, id, $5, jsonb_set($6::jsonb, '{data,user,id}', to_jsonb(id))"
     " FROM new_user RETURNING user_id"
-    ") SELECT new_user.*, pg_notify(:channel, '') FROM new_user"
+    ") SELECT new_user.*, pg_notify($7, '') FROM new_user"
     " JOIN event ON event.user_id = new_user.id"
-).bindparams(bindparam("body", type_=JSONB))
+)
 
 
 class UserRepository:
@@ -34,22 +38,31 @@ class UserRepository:
     async def create(self, *, full_name: str, phone: str, stage: str, event: EventDraft) -> User:
         """Inserts the user and its ``user_created`` event in one statement (one round trip on
         the hottest path). The event body is built by the contracts model; only the user id,
-        assigned by this very insert, is written into it by the database."""
-        row = (
-            await self.session.execute(
+        assigned by this very insert, is written into it by the database.
+
+        The statement runs on the session's connection, so inside the session's transaction
+        when one is open; otherwise it is a transaction of its own, and the session's commit
+        has nothing left to send. A single statement is atomic either way: the user, its
+        event and the NOTIFY are committed together or not at all.
+        """
+        connection = await self.session.connection()
+        driver = (await connection.get_raw_connection()).driver_connection
+        assert driver is not None
+        try:
+            row = await driver.fetchrow(
                 _INSERT_WITH_EVENT,
-                {
-                    "full_name": full_name,
-                    "phone": phone,
-                    "stage": stage,
-                    "event_id": event.id,
-                    "pattern": event.pattern.value,
-                    "body": event.body,
-                    "channel": NOTIFY_CHANNEL,
-                },
+                full_name,
+                phone,
+                stage,
+                event.id,
+                event.pattern.value,
+                json.dumps(event.body, ensure_ascii=False),
+                NOTIFY_CHANNEL,
             )
-        ).one()
-        return User(**{column: getattr(row, column) for column in _USER_COLUMNS})
+        except DRIVER_CONNECTION_ERRORS:
+            await connection.invalidate()  # never back into the pool
+            raise
+        return User(**{column: row[column] for column in _USER_COLUMNS})
 
     async def get(self, user_id: int, *, for_update: bool = False) -> User | None:
         statement = select(User).where(User.id == user_id)

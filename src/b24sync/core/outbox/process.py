@@ -1,0 +1,105 @@
+"""The outbox relay in a process of its own (``OUTBOX_RELAY_PROCESS=true``).
+
+In an HTTP worker the relay shares one event loop, and one CPU share, with the requests: under
+full load the requests take nearly all of it and publishing falls behind. In its own process
+the relay gets its own share from the operating system. The HTTP workers then run no relay;
+they keep the reply consumer.
+
+The process dies with its parent (SIGKILL included): a batch it had not committed is published
+again by the next relay, exactly as when the whole of Core is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import multiprocessing
+import signal
+import time
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event as EventType
+
+import uvloop
+
+from b24sync.logs import get_logger
+from b24sync.serving import wait_for_stop_signal
+from b24sync.settings import Settings
+
+log = get_logger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+# How long Core waits for the relay process to come up (a fresh interpreter importing Core)
+# before it serves HTTP anyway: writes are safe without a relay, they only wait for one.
+READY_TIMEOUT_S = 30.0
+BROKER_WAIT_S = 5.0
+
+
+def start(settings: Settings) -> BaseProcess:
+    """Starts the relay process and returns once it runs, so that Core is not ready to take
+    writes a second before anything publishes them."""
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    process = context.Process(target=_main, args=(settings, ready), name="b24sync-outbox-relay")
+    process.start()
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not ready.wait(0.1):
+        if not process.is_alive() or time.monotonic() > deadline:
+            log.warning(
+                "[Core] Outbox relay process did not start",
+                pid=process.pid,
+                exitcode=process.exitcode,
+            )
+            break
+    return process
+
+
+def stop(process: BaseProcess, timeout_s: float) -> None:
+    if process.is_alive() and process.pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()  # SIGTERM: a clean stop; an open batch is rolled back
+    process.join(timeout_s)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
+def _main(settings: Settings, ready: EventType) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    from b24sync.core.main import configure_core_logging, tune_gc
+
+    configure_core_logging(settings)
+    tune_gc()
+    uvloop.run(_run(settings, ready))
+
+
+async def _run(settings: Settings, ready: EventType) -> None:
+    from b24sync.core.app import connect_broker
+    from b24sync.core.db import create_engine
+    from b24sync.core.outbox.relay import Relay
+    from b24sync.messaging import make_broker
+
+    engine = create_engine(settings)
+    broker = make_broker(settings.rabbitmq_url)
+    connected = asyncio.Event()
+    relay = Relay(settings, engine, broker, connected)
+    tasks = [
+        asyncio.create_task(connect_broker(broker, settings.rabbitmq_url, connected)),
+        asyncio.create_task(relay.run(), name="outbox-relay"),
+    ]
+    # Ready once it can publish; with RabbitMQ down, soon anyway: it publishes once it is back.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(connected.wait(), BROKER_WAIT_S)
+    ready.set()
+    try:
+        await wait_for_stop_signal()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await broker.stop()
+        await engine.dispose()
