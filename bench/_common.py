@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -29,6 +30,18 @@ DATABASE_URL = os.environ.get(
 )
 RABBITMQ_URL = os.environ.get("BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672")
 CORE = str(Path(sys.executable).parent / "b24sync")
+
+
+def add_core_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the benchmarked Core runs: the same options for every benchmark."""
+    parser.add_argument("--workers", type=int, default=1, help="Core's HTTP worker processes")
+    parser.add_argument(
+        "--relay-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the outbox relay in a process of its own (OUTBOX_RELAY_PROCESS)",
+    )
+    parser.add_argument("--log-level", default="INFO", help="Core's LOG_LEVEL")
 
 
 def free_port() -> int:

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import (
     KeepAliveConnection,
+    add_core_arguments,
     core_process,
     cpu_seconds,
     cpu_speed_ms,
@@ -86,14 +87,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--workers", type=int, default=1, help="Core's HTTP worker processes")
-    parser.add_argument(
-        "--relay-process",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="run the outbox relay in a process of its own (OUTBOX_RELAY_PROCESS)",
-    )
-    parser.add_argument("--log-level", default="INFO", help="Core's LOG_LEVEL")
+    add_core_arguments(parser)
     args = parser.parse_args()
 
     prepare_database()

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import (
     RABBITMQ_URL,
     KeepAliveConnection,
+    add_core_arguments,
     core_process,
     cpu_speed_ms,
     delete_queues,
@@ -107,14 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rate", type=float, default=200.0, help="POST /users per second")
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--workers", type=int, default=1, help="Core's HTTP worker processes")
-    parser.add_argument(
-        "--relay-process",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="run the outbox relay in a process of its own (OUTBOX_RELAY_PROCESS)",
-    )
-    parser.add_argument("--log-level", default="INFO", help="Core's LOG_LEVEL")
+    add_core_arguments(parser)
     args = parser.parse_args()
 
     prepare_database()

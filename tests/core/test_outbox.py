@@ -53,6 +53,21 @@ def versions_by_user(messages: list[Received]) -> dict[int, list[int]]:
     return seen
 
 
+def core_environment(settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment of a `b24sync core` subprocess on the test's database and queues."""
+    return {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "RABBITMQ_URL": settings.rabbitmq_url,
+        "RABBITMQ_QUEUE": settings.rabbitmq_queue,
+        "RABBITMQ_REPLY_QUEUE": settings.rabbitmq_reply_queue,
+        "PORT": str(settings.port),
+        "HOST": "127.0.0.1",
+        "LOG_LEVEL": "WARNING",
+        **extra,
+    }
+
+
 def test_waves_keep_each_users_events_apart_and_in_order() -> None:
     events = [PendingEvent(uuid4(), seq, user, {}) for seq, user in enumerate([1, 2, 1, 3, 1, 2])]
     grouped = waves(events)
@@ -224,17 +239,8 @@ async def test_core_killed_mid_batch_loses_nothing(
         await session.execute(OutboxEvent.__table__.insert(), events)
     all_ids = set(await event_ids(committed))
 
-    env = {
-        **os.environ,
-        "DATABASE_URL": core_settings.database_url,
-        "RABBITMQ_URL": core_settings.rabbitmq_url,
-        "RABBITMQ_QUEUE": core_settings.rabbitmq_queue,
-        "RABBITMQ_REPLY_QUEUE": core_settings.rabbitmq_reply_queue,
-        "PORT": str(core_settings.port),
-        # One batch for everything: it is still open when the process dies.
-        "OUTBOX_BATCH_SIZE": str(total * 2),
-        "LOG_LEVEL": "WARNING",
-    }
+    # One batch for everything: it is still open when the process dies.
+    env = core_environment(core_settings, OUTBOX_BATCH_SIZE=str(total * 2))
     core = await asyncio.create_subprocess_exec(CORE, "core", env=env, cwd=tmp_path)
     try:
         while await queue_depth(core_settings.rabbitmq_queue) == 0:
@@ -283,17 +289,7 @@ def _running(pid: int) -> bool:
 async def test_relay_in_a_process_of_its_own(
     core_settings: Settings, committed: Sessions, tmp_path: Path, stop: signal.Signals
 ) -> None:
-    env = {
-        **os.environ,
-        "DATABASE_URL": core_settings.database_url,
-        "RABBITMQ_URL": core_settings.rabbitmq_url,
-        "RABBITMQ_QUEUE": core_settings.rabbitmq_queue,
-        "RABBITMQ_REPLY_QUEUE": core_settings.rabbitmq_reply_queue,
-        "PORT": str(core_settings.port),
-        "HOST": "127.0.0.1",
-        "OUTBOX_RELAY_PROCESS": "true",
-        "LOG_LEVEL": "WARNING",
-    }
+    env = core_environment(core_settings, OUTBOX_RELAY_PROCESS="true")
     core = await asyncio.create_subprocess_exec(CORE, "core", env=env, cwd=tmp_path)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{core_settings.port}") as http:
