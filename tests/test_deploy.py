@@ -85,3 +85,15 @@ def test_dockerfile_runs_the_package() -> None:
     assert "pip install ." in dockerfile
     assert 'ENTRYPOINT ["b24sync"]' in dockerfile
     assert "USER " in dockerfile
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [name.upper() for name in Settings.model_fields if name.upper() not in readme]
+    assert not missing, f"README.md does not mention {missing}"
+
+
+def test_readme_opens_with_the_two_commands() -> None:
+    opening = "\n".join((ROOT / "README.md").read_text().splitlines()[:10])
+    assert "make run" in opening
+    assert "make test" in opening
