@@ -170,23 +170,26 @@ async def test_the_seed_retry_schedule_against_an_unreachable_portal(
     assert "/rest/1/***" in worker.output  # the start line names the portal, masked
 
 
-async def test_a_worker_killed_mid_call_ends_in_one_lead_and_one_reply(
+# Short locks so that the stalled-job check and the per-user lock notice a death quickly.
+KILL_TIMINGS = {
+    "JOB_LOCK_DURATION_MS": 1000,
+    "JOB_STALLED_INTERVAL_MS": 500,
+    "USER_LOCK_TTL_MS": 1500,
+    "USER_BUSY_DELAY_MS": 200,
+    "JOB_BACKOFF_MS": 50,
+}
+
+
+async def _kill_mid_call_and_restart(
     spawn: Callable[..., BitrixProcess],
-    portal: PortalServer,
     admin: Admin,
     bus: Bus,
     settings: Settings,
-    redis_client: object,
-) -> None:
-    # Short locks so that the stalled-job check and the per-user lock notice the death quickly.
-    timings = {
-        "JOB_LOCK_DURATION_MS": 1000,
-        "JOB_STALLED_INTERVAL_MS": 500,
-        "USER_LOCK_TTL_MS": 1500,
-        "USER_BUSY_DELAY_MS": 200,
-        "JOB_BACKOFF_MS": 50,
-    }
-    first = spawn(**timings)
+    **env: Any,
+) -> tuple[BitrixProcess, BitrixProcess]:
+    """A worker dies with SIGKILL after the portal wrote the lead, before the answer; another
+    worker starts. Returns both, the second still running."""
+    first = spawn(**KILL_TIMINGS, **env)
     await first.start()
     # The lead gets written, then the answer hangs: the worker is mid-call when it dies.
     await admin.script(method="crm.lead.add", times=1, kind="timeout_after_write", delay_s=60)
@@ -199,9 +202,20 @@ async def test_a_worker_killed_mid_call_ends_in_one_lead_and_one_reply(
 
     await eventually(lead_written)
     assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
-
-    second = spawn(**timings)
+    second = spawn(**KILL_TIMINGS, **env)
     await second.start()
+    return first, second
+
+
+async def test_a_worker_killed_mid_call_ends_in_one_lead_and_one_reply(
+    spawn: Callable[..., BitrixProcess],
+    portal: PortalServer,
+    admin: Admin,
+    bus: Bus,
+    settings: Settings,
+    redis_client: object,
+) -> None:
+    first, second = await _kill_mid_call_and_restart(spawn, admin, bus, settings)
     message = await bus.reply_message(wait_s=30)
     await second.wait_for("[Bitrix] Job evt-99 completed after 1 attempt(s)")
     assert await second.stop() == 0
@@ -213,3 +227,27 @@ async def test_a_worker_killed_mid_call_ends_in_one_lead_and_one_reply(
     await bus.assert_no_reply(within=0.5)
     assert "[Bitrix] Job evt-99 stalled" in second.output
     assert "b24sync-local" not in first.output + second.output
+
+
+async def test_a_job_that_stalls_too_often_is_answered_with_an_error(
+    spawn: Callable[..., BitrixProcess],
+    portal: PortalServer,
+    admin: Admin,
+    bus: Bus,
+    settings: Settings,
+    redis_client: object,
+) -> None:
+    # No stall allowed: the first death makes BullMQ fail the job instead of running it again.
+    _, second = await _kill_mid_call_and_restart(
+        spawn, admin, bus, settings, JOB_MAX_STALLED_COUNT=0
+    )
+    message = await bus.reply_message(wait_s=30)
+    await second.wait_for("[Bitrix] Job evt-99 failed: job stalled more than allowable limit")
+    assert await second.stop() == 0
+
+    reply = json.loads(message.body)["data"]
+    assert message.correlation_id == "evt-99"
+    assert reply["status"] == "error"
+    assert reply["reason"] == "abandoned: job stalled more than allowable limit"
+    assert reply["user_id"] == 99
+    await bus.assert_no_reply(within=0.5)

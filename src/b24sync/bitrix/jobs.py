@@ -11,11 +11,14 @@ Each attempt, in its turn and under the user's lock:
 Failures: a permanent Bitrix24 error (auth, scope, validation, ...) is answered at once with its
 code and fails the job without retries; anything else is retried with BullMQ's backoff and the
 error reply goes out after the last attempt. A job whose turn does not come within
-`user_lock_wait_s` is postponed without spending an attempt.
+`user_lock_wait_s` is postponed without spending an attempt. A job BullMQ fails because its
+workers kept dying (stalled more than `job_max_stalled_count` times) is answered with an error
+from the worker's `failed` event.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -223,14 +226,39 @@ class JobHandler:
         metrics.JOB_ATTEMPTS.observe(attempt)
         raise UnrecoverableError(reason) from exc
 
+    async def answer_abandoned(self, job: Any) -> None:
+        """Error reply of a job that stalled more often than `job_max_stalled_count` (its
+        workers kept dying): BullMQ fails it without calling the handler, so nobody else
+        would answer Core."""
+        try:
+            payload = JobPayload.model_validate(job.data)
+            event = payload.event
+            await self._send(
+                payload,
+                ReplyData(
+                    status=ReplyStatus.ERROR,
+                    action=event.data.action,
+                    user=event.data.user,
+                    attempts=int(job.attemptsMade) + 1,
+                    reason=f"abandoned: {job.deferredFailure}",
+                ),
+            )
+            await self._locks.finish(event.data.user.id, job.id)
+        except Exception as exc:
+            log.error(f"[Bitrix] Could not answer abandoned job {job.id}: {describe_failure(exc)}")
+            return
+        metrics.JOBS.labels(outcome="error").inc()
+
     async def _send(self, payload: JobPayload, reply: ReplyData) -> None:
         await self._replies.send(
             payload.event.data.reply_queue, reply, correlation_id=payload.message_id
         )
 
 
-def attach_job_logging(worker: Worker) -> None:
-    """The seed's job monitoring lines, from the worker's events."""
+def attach_job_logging(worker: Worker, handler: JobHandler) -> None:
+    """The seed's job monitoring lines, from the worker's events; and the error reply of a job
+    BullMQ fails without running it (see `JobHandler.answer_abandoned`)."""
+    pending: set[asyncio.Task[None]] = set()
 
     def on_completed(job: Any, _result: Any) -> None:
         log.info(f"[Bitrix] Job {job.id} completed after {job.attemptsMade} attempt(s)")
@@ -239,6 +267,10 @@ def attach_job_logging(worker: Worker) -> None:
         # The worker reports every failed attempt; only the last one fails the job.
         if isinstance(err, UnrecoverableError) or job.attemptsMade >= job.opts.get("attempts", 1):
             log.error(f"[Bitrix] Job {job.id} failed: {mask_secrets(str(err))}")
+        if job.deferredFailure:
+            task = asyncio.create_task(handler.answer_abandoned(job))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
 
     def on_stalled(job_id: str, *_: Any) -> None:
         log.warning(f"[Bitrix] Job {job_id} stalled")

@@ -112,7 +112,7 @@ class BitrixService:
                 "maxStalledCount": settings.job_max_stalled_count,
             },
         )
-        attach_job_logging(self._worker)
+        attach_job_logging(self._worker, handler)
         self._worker_task = asyncio.create_task(self._worker.run())
 
         self._consumer = EventConsumer(settings, self._queue, locks, replies)
