@@ -77,6 +77,17 @@ async def job_pending(queue: Queue, job_id: str) -> bool:
     return state not in ("completed", "failed", "unknown")
 
 
+def reply_to(event: Event, status: ReplyStatus, attempts: int, **details: Any) -> ReplyData:
+    """The reply to `event`: its action and user echoed, with the outcome's details."""
+    return ReplyData(
+        status=status,
+        action=event.data.action,
+        user=event.data.user,
+        attempts=attempts,
+        **details,
+    )
+
+
 def describe_failure(exc: BaseException) -> str:
     """A reason fit for logs and replies. Bitrix errors are built without the webhook URL; any
     other text is masked in case a library put a URL into it."""
@@ -152,12 +163,11 @@ class JobHandler:
                     f"[Bitrix] Skipping {action.value} of user {user.id}: version "
                     f"{user.version} is older than the applied version {state.version}"
                 )
-                return ReplyData(
-                    status=ReplyStatus.SUCCESS,
-                    action=action,
-                    user=user,
+                return reply_to(
+                    event,
+                    ReplyStatus.SUCCESS,
+                    attempt,
                     bitrix_lead_id=state.lead_id,
-                    attempts=attempt,
                     skipped=True,
                     reason=f"version {user.version} is older than the applied "
                     f"version {state.version}; nothing changed",
@@ -168,13 +178,7 @@ class JobHandler:
             known_ids = [i for i in (user.bitrix_lead_id, state.lead_id) if i is not None]
             result = await self._leads.sync(action, user, known_ids)
             await self._store.record(user.id, result.lead_id, user.version)
-        return ReplyData(
-            status=ReplyStatus.SUCCESS,
-            action=action,
-            user=user,
-            bitrix_lead_id=result.lead_id,
-            attempts=attempt,
-        )
+        return reply_to(event, ReplyStatus.SUCCESS, attempt, bitrix_lead_id=result.lead_id)
 
     async def _fail(
         self,
@@ -204,11 +208,10 @@ class JobHandler:
         try:
             await self._send(
                 payload,
-                ReplyData(
-                    status=ReplyStatus.ERROR,
-                    action=event.data.action,
-                    user=event.data.user,
-                    attempts=attempt,
+                reply_to(
+                    event,
+                    ReplyStatus.ERROR,
+                    attempt,
                     reason=reason,
                     error_code=exc.code if isinstance(exc, BitrixError) else None,
                 ),
@@ -235,11 +238,10 @@ class JobHandler:
             event = payload.event
             await self._send(
                 payload,
-                ReplyData(
-                    status=ReplyStatus.ERROR,
-                    action=event.data.action,
-                    user=event.data.user,
-                    attempts=int(job.attemptsMade) + 1,
+                reply_to(
+                    event,
+                    ReplyStatus.ERROR,
+                    int(job.attemptsMade) + 1,
                     reason=f"abandoned: {job.deferredFailure}",
                 ),
             )
