@@ -5,7 +5,7 @@ import json
 import pytest
 import structlog
 
-from b24sync.logs import configure_logging, get_logger, mask_secrets
+from b24sync.logs import configure_logging, get_logger, mask_secrets, webhook_secret
 
 WEBHOOK = "https://example.bitrix24.kz/rest/17/sj4byqtjd3p5j3wq/crm.lead.add.json"
 
@@ -34,3 +34,11 @@ def test_log_lines_never_carry_secrets(capsys: pytest.CaptureFixture[str]) -> No
     assert "sj4byqtjd3p5j3wq" not in line
     assert "token-value-123" not in line
     assert record["nested"] == {"headers": ["Bearer ***"]}
+
+
+def test_webhook_secret() -> None:
+    assert (
+        webhook_secret("https://b24-x.bitrix24.kz/rest/1/sj4byqtjd3p5j3wq/") == "sj4byqtjd3p5j3wq"
+    )
+    assert webhook_secret("http://127.0.0.1:3100/rest/1/b24sync-local") == "b24sync-local"
+    assert webhook_secret("http://127.0.0.1:3100/") is None

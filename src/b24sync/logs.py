@@ -26,6 +26,12 @@ def register_secret(value: str | None) -> None:
         _extra_secrets.add(value)
 
 
+def webhook_secret(webhook_url: str) -> str | None:
+    """The secret code of `https://PORTAL/rest/USER_ID/CODE/`, or None for another URL."""
+    match = _WEBHOOK_PATH.search(webhook_url)
+    return match.group(2) if match else None
+
+
 def mask_secrets(text: str) -> str:
     text = _WEBHOOK_PATH.sub(lambda m: m.group(1) + _MASK, text)
     for secret in _extra_secrets:

@@ -10,7 +10,6 @@ from b24sync.bitrix.client import BitrixClient, BitrixError, is_transient
 from b24sync.bitrix.consumer import RejectedEvent, check, parse, reply_target
 from b24sync.bitrix.jobs import describe_failure, retry_delay_ms
 from b24sync.bitrix.leads import Leads, phone_entries, split_name
-from b24sync.bitrix.main import webhook_secret
 from b24sync.contracts.messages import Action, UserPayload
 from b24sync.settings import Settings
 
@@ -107,14 +106,6 @@ def test_retry_delays_follow_the_seed_schedule() -> None:
     backoff = {"type": "exponential", "delay": 2000}
     assert [retry_delay_ms(backoff, attempt) for attempt in (1, 2)] == [2000, 4000]
     assert retry_delay_ms({"type": "fixed", "delay": 300}, 2) == 300
-
-
-def test_webhook_secret() -> None:
-    assert (
-        webhook_secret("https://b24-x.bitrix24.kz/rest/1/sj4byqtjd3p5j3wq/") == "sj4byqtjd3p5j3wq"
-    )
-    assert webhook_secret("http://127.0.0.1:3100/rest/1/b24sync-local") == "b24sync-local"
-    assert webhook_secret("http://127.0.0.1:3100/") is None
 
 
 @pytest.mark.parametrize("body", [SEED_CREATE, SEED_UPDATE, SEED_MOVE])

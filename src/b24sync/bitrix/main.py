@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from urllib.parse import urlsplit
 
 from bullmq import Queue, Worker
 from redis.asyncio import Redis
@@ -21,20 +20,12 @@ from b24sync.bitrix.leads import Leads
 from b24sync.bitrix.ratelimit import RateLimiter
 from b24sync.bitrix.replies import ReplySender
 from b24sync.bitrix.state import UserLocks, UserStateStore
-from b24sync.logs import configure_logging, get_logger, register_secret
+from b24sync.logs import configure_logging, get_logger, register_secret, webhook_secret
 from b24sync.messaging import describe_url, make_broker
 from b24sync.serving import EmbeddedServer, wait_for_stop_signal
 from b24sync.settings import Settings
 
 log = get_logger(__name__)
-
-
-def webhook_secret(webhook_url: str) -> str | None:
-    """The secret code of `https://PORTAL/rest/USER_ID/CODE/`."""
-    parts = [part for part in urlsplit(webhook_url).path.split("/") if part]
-    if len(parts) >= 3 and parts[-3] == "rest":
-        return parts[-1]
-    return None
 
 
 class BitrixService:
@@ -192,6 +183,6 @@ async def serve(settings: Settings) -> None:
 
 
 def run(settings: Settings) -> None:
-    secret = webhook_secret(settings.effective_webhook_url)
-    configure_logging(settings.log_level, settings.log_json, secrets=[secret] if secret else [])
+    # The webhook code is registered as a secret when the service starts.
+    configure_logging(settings.log_level, settings.log_json)
     asyncio.run(serve(settings))
