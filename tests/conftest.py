@@ -10,6 +10,7 @@ from uuid import uuid4
 
 import aio_pika
 import pytest
+from redis.asyncio import Redis
 
 from b24sync.logs import configure_logging
 from b24sync.settings import Settings
@@ -48,9 +49,23 @@ async def settings() -> AsyncIterator[Settings]:
         outbox_poll_interval_s=0.2,
     )
     yield test_settings
+    await forget(
+        [test_settings.rabbitmq_queue, test_settings.rabbitmq_reply_queue],
+        test_settings.bullmq_prefix,
+    )
+
+
+async def forget(queues: list[str], redis_prefix: str) -> None:
+    """Removes what a test left on the shared broker and Redis: its queues, and every key under
+    its BullMQ prefix (BullMQ's and the Bitrix service's own)."""
     connection = await aio_pika.connect(RABBITMQ_URL)
     async with connection:
-        for name in (test_settings.rabbitmq_queue, test_settings.rabbitmq_reply_queue):
+        for name in queues:
             channel = await connection.channel()
             with contextlib.suppress(aio_pika.exceptions.AMQPError):
                 await channel.queue_delete(name)
+    redis = Redis.from_url(REDIS_URL)
+    async with redis:
+        keys = [key async for key in redis.scan_iter(match=f"{redis_prefix}:*")]
+        if keys:
+            await redis.delete(*keys)

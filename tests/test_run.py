@@ -14,13 +14,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from uuid import uuid4
 
-import aio_pika
 import asyncpg
 import httpx
 import pytest
-from redis.asyncio import Redis
 
-from tests.conftest import RABBITMQ_URL, REDIS_URL, free_port
+from tests.conftest import RABBITMQ_URL, REDIS_URL, forget, free_port
 
 E2E_DATABASE = "b24sync_e2e"
 PHONE = "+77001112233"
@@ -99,21 +97,8 @@ def system() -> Iterator[RunningSystem]:
         if running.process.poll() is None:
             running.process.kill()
             running.process.wait()
-        asyncio.run(_forget(env))
-
-
-async def _forget(env: dict[str, str]) -> None:
-    """Removes what the run left on the shared broker and Redis."""
-    connection = await aio_pika.connect(RABBITMQ_URL)
-    async with connection:
-        channel = await connection.channel()
-        for name in (env["RABBITMQ_QUEUE"], env["RABBITMQ_REPLY_QUEUE"]):
-            await channel.queue_delete(name)
-    redis = Redis.from_url(REDIS_URL)
-    async with redis:
-        keys = [key async for key in redis.scan_iter(f"{env['BULLMQ_PREFIX']}:*")]
-        if keys:
-            await redis.delete(*keys)
+        queues = [env["RABBITMQ_QUEUE"], env["RABBITMQ_REPLY_QUEUE"]]
+        asyncio.run(forget(queues, env["BULLMQ_PREFIX"]))
 
 
 def _eventually(check: Callable[[], Any], timeout: float = 30.0) -> Any:

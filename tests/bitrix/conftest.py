@@ -31,41 +31,6 @@ FAST: dict[str, Any] = {
     "portal_rate_limit": "off",
 }
 
-SEED_CREATE: dict[str, Any] = {
-    "pattern": "user_created",
-    "data": {
-        "action": "create_card",
-        "user": {"id": 123, "full_name": "Иван Иванов", "phone": "+77001112233", "stage": "NEW"},
-        "replyQueue": "bitrix.responses",
-    },
-}
-SEED_UPDATE: dict[str, Any] = {
-    "pattern": "user_updated",
-    "data": {
-        "action": "update_card",
-        "user": {
-            "id": 123,
-            "full_name": "Иван Петров",
-            "phone": "+77001112233",
-            "stage": "IN_PROCESS",
-        },
-        "replyQueue": "bitrix.responses",
-    },
-}
-SEED_MOVE: dict[str, Any] = {
-    "pattern": "user_moved",
-    "data": {
-        "action": "move_card",
-        "user": {
-            "id": 123,
-            "full_name": "Иван Петров",
-            "phone": "+77001112233",
-            "stage": "CONVERTED",
-        },
-        "replyQueue": "bitrix.responses",
-    },
-}
-
 
 def event(
     action: str, user_id: int, *, reply_queue: str, version: int | None = None, **user: Any
@@ -201,12 +166,9 @@ def fast_settings(settings: Settings) -> Settings:
 
 @pytest.fixture
 async def redis_client(settings: Settings) -> AsyncIterator[Redis]:
+    """A client for the test's Redis; the `settings` fixture removes the test's keys."""
     client = Redis.from_url(settings.redis_url, decode_responses=True)
     yield client
-    # Everything the test left in Redis: BullMQ's keys and ours share the prefix.
-    keys = [key async for key in client.scan_iter(match=f"{settings.bullmq_prefix}:*")]
-    if keys:
-        await client.delete(*keys)
     await client.aclose()
 
 

@@ -18,8 +18,9 @@ import pytest
 from b24sync.portal.main import PortalServer
 from b24sync.settings import Settings
 from tests.conftest import free_port
+from tests.seed import SEED_CREATE
 
-from .conftest import SEED_CREATE, Admin, Bus, event, eventually
+from .conftest import Admin, Bus, event, eventually
 
 B24SYNC = str(Path(sys.executable).parent / "b24sync")
 

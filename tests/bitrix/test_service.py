@@ -12,11 +12,9 @@ from redis.asyncio import Redis
 
 from b24sync.bitrix.main import BitrixService
 from b24sync.settings import Settings
+from tests.seed import SEED_CREATE, SEED_MOVE, SEED_UPDATE
 
 from .conftest import (
-    SEED_CREATE,
-    SEED_MOVE,
-    SEED_UPDATE,
     Admin,
     Bus,
     ServiceFactory,

@@ -12,8 +12,7 @@ from b24sync.bitrix.jobs import describe_failure, retry_delay_ms
 from b24sync.bitrix.leads import Leads, phone_entries, split_name
 from b24sync.contracts.messages import Action, UserPayload
 from b24sync.settings import Settings
-
-from .conftest import SEED_CREATE, SEED_MOVE, SEED_UPDATE
+from tests.seed import SEED_CREATE, SEED_MOVE, SEED_UPDATE
 
 
 def test_split_name() -> None:

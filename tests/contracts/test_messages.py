@@ -17,15 +17,7 @@ from b24sync.contracts import (
     parse_event,
     parse_reply,
 )
-
-SEED_CREATE = {
-    "pattern": "user_created",
-    "data": {
-        "action": "create_card",
-        "user": {"id": 123, "full_name": "Иван Иванов", "phone": "+77001112233", "stage": "NEW"},
-        "replyQueue": "bitrix.responses",
-    },
-}
+from tests.seed import SEED_CREATE
 
 
 def test_seed_event_round_trips_unchanged() -> None:
