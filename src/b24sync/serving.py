@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import signal
 import socket
 from collections.abc import Iterator
@@ -74,3 +75,13 @@ async def wait_for_stop_signal() -> None:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: signal.Signals) -> None:
+    """Asks Linux to send `sig` to this process when its parent dies (SIGKILL included), so a
+    child process is never left running alone. A no-op where prctl is unavailable."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
+import functools
 import os
 import signal
 import sys
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import httpx
 
 from b24sync.logs import mask_secrets
+from b24sync.serving import die_with_parent
 from b24sync.settings import Settings
 
-_PR_SET_PDEATHSIG = 1
 _READY_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 30.0
 
@@ -30,12 +30,6 @@ class Service:
     name: str  # also the `b24sync` subcommand that runs it
     health_url: str
     process: asyncio.subprocess.Process | None = field(default=None, repr=False)
-
-
-def _die_with_parent() -> None:
-    """Children get SIGTERM if the supervisor itself is killed, so nothing is left running."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def plan(settings: Settings) -> list[Service]:
@@ -70,7 +64,8 @@ async def _spawn(command: str) -> asyncio.subprocess.Process:
         env=env,
         # Own session: Ctrl-C reaches only the supervisor, which stops children in order.
         start_new_session=True,
-        preexec_fn=_die_with_parent,
+        # Children get SIGTERM if the supervisor itself is killed: nothing is left running.
+        preexec_fn=functools.partial(die_with_parent, signal.SIGTERM),
     )
 
 

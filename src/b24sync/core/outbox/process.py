@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import multiprocessing
 import signal
 import time
@@ -23,12 +22,10 @@ from multiprocessing.synchronize import Event as EventType
 import uvloop
 
 from b24sync.logs import get_logger
-from b24sync.serving import wait_for_stop_signal
+from b24sync.serving import die_with_parent, wait_for_stop_signal
 from b24sync.settings import Settings
 
 log = get_logger(__name__)
-
-_PR_SET_PDEATHSIG = 1
 
 
 # How long Core waits for the relay process to come up (a fresh interpreter importing Core)
@@ -67,8 +64,7 @@ def stop(process: BaseProcess, timeout_s: float) -> None:
 
 
 def _main(settings: Settings, ready: EventType) -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent(signal.SIGKILL)
     from b24sync.core.main import configure_core_logging, tune_gc
 
     configure_core_logging(settings)
