@@ -7,10 +7,11 @@ import contextlib
 import ctypes
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import uvicorn
+from starlette.responses import JSONResponse
 
 
 class _Server(uvicorn.Server):
@@ -62,6 +63,14 @@ class EmbeddedServer:
             self._server.should_exit = True
             await self._task
             self._task = None
+
+
+def readiness_response(checks: Mapping[str, object], ready: bool) -> JSONResponse:
+    """Every service's `/readyz` answer: 200 when ready, 503 otherwise, with each check."""
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "checks": dict(checks)},
+        status_code=200 if ready else 503,
+    )
 
 
 async def wait_for_stop_signal() -> None:

@@ -8,6 +8,8 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from b24sync.serving import readiness_response
+
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
 
 
@@ -21,11 +23,7 @@ def create_app(readiness: ReadinessCheck) -> FastAPI:
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         checks = await readiness()
-        ready = all(checks.values())
-        return JSONResponse(
-            {"status": "ready" if ready else "not ready", "checks": checks},
-            status_code=200 if ready else 503,
-        )
+        return readiness_response(checks, ready=all(checks.values()))
 
     @app.get("/metrics")
     async def metrics() -> Response:

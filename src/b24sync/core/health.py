@@ -9,6 +9,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from b24sync.serving import readiness_response
+
 router = APIRouter(tags=["health"])
 
 CHECK_TIMEOUT_S = 2.0
@@ -46,8 +48,4 @@ async def readyz(request: Request) -> JSONResponse:
         "postgresql": "ok" if database else "unreachable",
         "rabbitmq": "ok" if rabbitmq else "unreachable",
     }
-    ready = database and rabbitmq
-    return JSONResponse(
-        {"status": "ready" if ready else "not ready", "checks": checks},
-        status_code=200 if ready else 503,
-    )
+    return readiness_response(checks, ready=database and rabbitmq)
