@@ -30,19 +30,21 @@ def make_broker(url: str, **kwargs: Any) -> RabbitBroker:
 async def publish_json(
     broker: RabbitBroker,
     queue: str,
-    body: dict[str, Any],
+    body: dict[str, Any] | bytes,
     *,
     message_id: str | None = None,
     correlation_id: str | None = None,
 ) -> None:
-    """Publishes a persistent JSON message to a durable queue and waits for the broker's confirm."""
+    """Publishes a persistent JSON message to a durable queue and waits for the broker's confirm.
+    `body` is a JSON object, or one already encoded (sent as it is)."""
+    target = durable_queue(queue)
     declared = _declared.setdefault(broker, set())
     if queue not in declared:
-        await broker.declare_queue(durable_queue(queue))
+        await broker.declare_queue(target)
         declared.add(queue)
     await broker.publish(
         body,
-        queue=durable_queue(queue),
+        queue=target,
         persist=True,
         mandatory=True,
         content_type="application/json",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from contextlib import suppress
 from typing import Any
 from uuid import UUID
@@ -191,15 +190,15 @@ class Relay:
                 await lane.stop()
 
     async def _publish(self, event: PendingEvent, lane: RabbitBroker) -> None:
-        body = wire_body(event.body)
-        if log.is_enabled_for(logging.INFO):
-            log.info(
-                "[Core] About to emit message to BITRIX_SERVICE: "
-                + json.dumps(body, ensure_ascii=False),
-                message_id=str(event.id),
-            )
+        # Encoded once, for the log line and the message alike.
+        text = json.dumps(wire_body(event.body), ensure_ascii=False)
+        log.info(
+            "[Core] About to emit message to BITRIX_SERVICE: " + text, message_id=str(event.id)
+        )
         async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-            await publish_json(lane, self.settings.rabbitmq_queue, body, message_id=str(event.id))
+            await publish_json(
+                lane, self.settings.rabbitmq_queue, text.encode(), message_id=str(event.id)
+            )
         log.info("[Core] Message emitted successfully", message_id=str(event.id))
 
     async def _listen(self) -> None:
