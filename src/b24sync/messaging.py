@@ -1,14 +1,21 @@
-"""RabbitMQ plumbing both services share: one broker factory, one way to publish."""
+"""RabbitMQ plumbing both services share: one broker factory, one way to publish through it,
+and a leaner confirmed publisher for the outbox relay's hot path."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from urllib.parse import urlsplit
 from weakref import WeakKeyDictionary
 
+import aio_pika
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 
 from b24sync.logs import mask_secrets
+
+CONTENT_TYPE = "application/json"
+CONNECT_TIMEOUT_S = 10.0
 
 
 def durable_queue(name: str) -> RabbitQueue:
@@ -47,10 +54,72 @@ async def publish_json(
         queue=target,
         persist=True,
         mandatory=True,
-        content_type="application/json",
+        content_type=CONTENT_TYPE,
         message_id=message_id,
         correlation_id=correlation_id,
     )
+
+
+class ConfirmedPublisher:
+    """What `publish_json` does, on one robust aio-pika connection and channel of its own.
+
+    Each message is persistent JSON sent to a durable queue (declared on first use), mandatory
+    (unroutable fails) and awaited until the broker's confirm. Without FastStream's publish
+    path a message costs about a third less CPU, which counts where every event is published:
+    the outbox relay. It carries only the properties set here (no FastStream app_id, timestamp
+    or generated correlation_id).
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._opening: asyncio.Task[None] | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._declared: set[str] = set()
+
+    async def connect(self) -> None:
+        """Connects, or joins an attempt under way; a no-op once connected, as the robust
+        connection reconnects by itself after that. Shielded: an attempt cancelled half-way
+        would leave an open connection nobody closes."""
+        if self._channel is not None:
+            return
+        if self._opening is None or self._opening.done():
+            self._opening = asyncio.create_task(self._open())
+        await asyncio.shield(self._opening)
+
+    async def _open(self) -> None:
+        connection = await aio_pika.connect_robust(self.url, timeout=CONNECT_TIMEOUT_S)
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        except BaseException:
+            await connection.close()
+            raise
+        self._connection, self._channel = connection, channel
+
+    async def publish(
+        self, queue: str, body: bytes, *, message_id: str, correlation_id: str | None = None
+    ) -> None:
+        channel = self._channel
+        if channel is None:
+            raise RuntimeError("ConfirmedPublisher.publish called before connect")
+        if queue not in self._declared:
+            await channel.declare_queue(queue, durable=True)
+            self._declared.add(queue)
+        message = aio_pika.Message(
+            body,
+            content_type=CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message_id,
+            correlation_id=correlation_id,
+        )
+        await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+
+    async def close(self) -> None:
+        if self._opening is not None:
+            # Only waits: a failed attempt has already raised in connect().
+            await asyncio.wait({self._opening})
+        if self._connection is not None:
+            await self._connection.close()
 
 
 def describe_url(url: str) -> str:

@@ -27,9 +27,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from b24sync.contracts import Pattern
 from b24sync.core.models import OutboxEvent, User
 from b24sync.core.outbox.relay import Relay, waves
-from b24sync.core.outbox.repository import PendingEvent
+from b24sync.core.outbox.repository import (
+    RELAY_LOCK_KEY,
+    PendingEvent,
+    claim_batch,
+    relay_transaction,
+)
 from b24sync.core.outbox.service import EventDraft, build_event, outbox_service
-from b24sync.messaging import make_broker
 from b24sync.settings import Settings
 from tests.core.helpers import (
     Sessions,
@@ -76,6 +80,26 @@ def test_waves_keep_each_users_events_apart_and_in_order() -> None:
         [(2, 1), (5, 2)],
         [(4, 1)],
     ]
+
+
+async def test_the_batch_is_read_only_by_the_relay_that_gets_the_lock(
+    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+) -> None:
+    users = [await create_user(committed, core_settings, f"Batch {n}") for n in range(3)]
+    await rename_user(committed, core_settings, users[0].id, "Batch 0 renamed")
+    pending = await event_ids(committed)
+
+    async with engine.connect() as other, other.begin():
+        await other.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": RELAY_LOCK_KEY})
+        async with relay_transaction(engine) as transaction:
+            assert await claim_batch(transaction, 10) == []
+
+    async with relay_transaction(engine) as transaction:
+        events = await claim_batch(transaction, 10)
+        assert [str(event.id) for event in events] == pending
+        assert [event.user_id for event in events] == [user.id for user in users] + [users[0].id]
+        assert [event.seq for event in events] == sorted(event.seq for event in events)
+        assert events[-1].body["data"]["user"]["full_name"] == "Batch 0 renamed"
 
 
 async def test_committed_changes_reach_the_queue_in_contract_shape(
@@ -194,10 +218,7 @@ async def test_two_relays_keep_per_user_order(
     core_settings: Settings, engine: AsyncEngine, committed: Sessions
 ) -> None:
     settings = core_settings.model_copy(update={"outbox_batch_size": 7})
-    brokers = [make_broker(settings.rabbitmq_url) for _ in range(2)]
-    for broker in brokers:
-        await broker.connect()
-    relays = [asyncio.create_task(Relay(settings, engine, broker).run()) for broker in brokers]
+    relays = [asyncio.create_task(Relay(settings, engine).run()) for _ in range(2)]
     try:
         users = [await create_user(committed, settings, f"Pair {n}") for n in range(6)]
 
@@ -211,8 +232,6 @@ async def test_two_relays_keep_per_user_order(
         for relay in relays:
             relay.cancel()
         await asyncio.gather(*relays, return_exceptions=True)
-        for broker in brokers:
-            await broker.stop()
     assert versions_by_user(messages) == {user.id: list(range(1, 10)) for user in users}
     assert len({m.message_id for m in messages}) == len(messages)
 
@@ -261,15 +280,12 @@ async def test_core_killed_mid_batch_loses_nothing(
     assert published_before_kill > 0
     assert await unpublished(committed) == total  # the batch never committed
 
-    broker = make_broker(core_settings.rabbitmq_url)
-    await broker.connect()
-    relay = asyncio.create_task(Relay(core_settings, engine, broker).run())
+    relay = asyncio.create_task(Relay(core_settings, engine).run())
     try:
         messages = await drain(core_settings.rabbitmq_queue, published_before_kill + total)
     finally:
         relay.cancel()
         await asyncio.gather(relay, return_exceptions=True)
-        await broker.stop()
     assert {m.message_id for m in messages} == all_ids
     assert len(messages) == published_before_kill + total
     assert await unpublished(committed) == 0

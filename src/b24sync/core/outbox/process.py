@@ -73,29 +73,19 @@ def _main(settings: Settings, ready: EventType) -> None:
 
 
 async def _run(settings: Settings, ready: EventType) -> None:
-    from b24sync.core.app import connect_broker
     from b24sync.core.db import create_engine
     from b24sync.core.outbox.relay import Relay
-    from b24sync.messaging import make_broker
 
     engine = create_engine(settings)
-    broker = make_broker(settings.rabbitmq_url)
-    connected = asyncio.Event()
-    relay = Relay(settings, engine, broker, connected)
-    tasks = [
-        asyncio.create_task(connect_broker(broker, settings.rabbitmq_url, connected)),
-        asyncio.create_task(relay.run(), name="outbox-relay"),
-    ]
+    relay = Relay(settings, engine)
+    task = asyncio.create_task(relay.run(), name="outbox-relay")
     # Ready once it can publish; with RabbitMQ down, soon anyway: it publishes once it is back.
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(connected.wait(), BROKER_WAIT_S)
+        await asyncio.wait_for(relay.connected.wait(), BROKER_WAIT_S)
     ready.set()
     try:
         await wait_for_stop_signal()
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await broker.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
         await engine.dispose()

@@ -5,10 +5,15 @@ Every Core HTTP worker runs one, or a process of its own runs the only one
 (``OUTBOX_RELAY_PROCESS``, see `core/outbox/process.py`). In each batch transaction a relay
 takes a transaction-level advisory lock, so only one publishes at a time, reading pending
 events in ``seq`` order (for one user that is commit order: its changes are serialised by the
-row lock). A batch goes out in waves with at most one event per user; the next wave starts only
-once the broker confirmed the previous one, and an event is marked published only after its
-confirm. A crash anywhere before the commit leaves the batch unpublished, and whichever relay
-runs next sends it again (same message_id): duplicates are possible, losses are not.
+row lock); lock and read are one statement. A batch goes out in waves with at most one event
+per user; the next wave starts only once the broker confirmed the previous one, and an event is
+marked published only after its confirm. A crash anywhere before the commit leaves the batch
+unpublished, and whichever relay runs next sends it again (same message_id): duplicates are
+possible, losses are not.
+
+The relay publishes through connections of its own (`ConfirmedPublisher`, aio-pika without
+FastStream: the per-event CPU matters here). It keeps trying while RabbitMQ or PostgreSQL is
+down, and the robust connections reconnect after an outage.
 
 A relay is woken by NOTIFY from the write transactions (a raw asyncpg LISTEN connection) and
 polls every ``outbox_poll_interval_s`` in case a notification was missed.
@@ -23,7 +28,6 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg  # type: ignore[import-untyped]
-from faststream.rabbit import RabbitBroker
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from b24sync.contracts import UserPayload
@@ -32,7 +36,7 @@ from b24sync.core.db import asyncpg_dsn
 from b24sync.core.outbox import repository
 from b24sync.core.outbox.repository import PendingEvent
 from b24sync.logs import get_logger
-from b24sync.messaging import make_broker, publish_json
+from b24sync.messaging import ConfirmedPublisher, describe_url
 from b24sync.settings import Settings
 
 log = get_logger(__name__)
@@ -80,35 +84,24 @@ def wire_body(stored: dict[str, Any]) -> dict[str, Any]:
 
 
 class Relay:
-    def __init__(
-        self,
-        settings: Settings,
-        engine: AsyncEngine,
-        broker: RabbitBroker,
-        broker_connected: asyncio.Event | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, engine: AsyncEngine) -> None:
         self.settings = settings
         self.engine = engine
         # Publishing lanes, each its own connection: aiormq confirms one publish per channel
         # lock turn, so on a busy event loop one channel caps the relay's throughput. The
         # events of a wave belong to different users, so they may leave by different lanes.
-        self._lanes = [broker] + [
-            make_broker(settings.rabbitmq_url) for _ in range(settings.outbox_publish_lanes - 1)
+        self._lanes = [
+            ConfirmedPublisher(settings.rabbitmq_url) for _ in range(settings.outbox_publish_lanes)
         ]
-        self._lanes_connecting: asyncio.Future[list[Any]] | None = None
         self._wakeup = asyncio.Event()
-        if broker_connected is None:
-            broker_connected = asyncio.Event()
-            broker_connected.set()
-        # Set once the first connection is up; later outages are the robust connection's job.
-        self._broker_connected = broker_connected
+        # Set once the lanes are first connected; later outages are the robust connections' job.
+        self.connected = asyncio.Event()
 
     async def run(self) -> None:
         """Publishes until cancelled; failures (broker or database down) only delay it."""
         listener = asyncio.create_task(self._listen(), name="outbox-listen")
         backoff = Backoff()
         try:
-            await self._broker_connected.wait()
             while True:
                 self._wakeup.clear()
                 try:
@@ -135,23 +128,21 @@ class Relay:
             listener.cancel()
             with suppress(asyncio.CancelledError):
                 await listener
-            await self._stop_lanes()
+            await asyncio.gather(*(lane.close() for lane in self._lanes), return_exceptions=True)
 
     async def publish_batch(self) -> int:
-        """Publishes one batch of pending events; returns how many went out.
+        """Publishes one batch of pending events; returns how many went out (none while
+        another relay holds the lock: it publishes ours too).
 
         The batch is sent in waves holding at most one event per user, each wave's publishes
         confirmed together: a user's events still leave one after another, in seq order.
         Events confirmed before a failure are marked published, then the failure is raised.
         """
+        await self._connect_lanes()
         published: list[UUID] = []
         failure: BaseException | None = None
-        async with self.engine.connect() as connection, connection.begin():
-            if not await repository.try_lock_relay(connection):
-                return 0  # another relay is publishing; it will see our events too
-            events = await repository.pending(connection, self.settings.outbox_batch_size)
-            if events:
-                await self._connect_lanes()
+        async with repository.relay_transaction(self.engine) as transaction:
+            events = await repository.claim_batch(transaction, self.settings.outbox_batch_size)
             for wave in waves(events):
                 results = await asyncio.gather(
                     *(
@@ -167,39 +158,32 @@ class Relay:
                         published.append(event.id)
                 if failure is not None:
                     break
-            await repository.mark_published(connection, published)
+            await repository.mark_published(transaction, published)
         if failure is not None:
             raise failure
         return len(published)
 
     async def _connect_lanes(self) -> None:
-        """Connects the lanes (a no-op once connected). Shielded: a connection cancelled
-        half-way would be left open with nobody to close it."""
-        self._lanes_connecting = asyncio.ensure_future(
-            asyncio.gather(*(lane.connect() for lane in self._lanes))
-        )
+        """Connects the lanes the first time; a no-op after that."""
+        if self.connected.is_set():
+            return
         async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-            await asyncio.shield(self._lanes_connecting)
+            await asyncio.gather(*(lane.connect() for lane in self._lanes))
+        log.info(
+            "[Core] Connected to RabbitMQ successfully",
+            url=describe_url(self.settings.rabbitmq_url),
+            lanes=len(self._lanes),
+        )
+        self.connected.set()
 
-    async def _stop_lanes(self) -> None:
-        if self._lanes_connecting is not None:
-            with suppress(Exception):
-                await asyncio.wait_for(self._lanes_connecting, 10)
-        for lane in self._lanes[1:]:
-            with suppress(Exception):
-                await lane.stop()
-
-    async def _publish(self, event: PendingEvent, lane: RabbitBroker) -> None:
+    async def _publish(self, event: PendingEvent, lane: ConfirmedPublisher) -> None:
         # Encoded once, for the log line and the message alike.
         text = json.dumps(wire_body(event.body), ensure_ascii=False)
-        log.info(
-            "[Core] About to emit message to BITRIX_SERVICE: " + text, message_id=str(event.id)
-        )
+        message_id = str(event.id)
+        log.info("[Core] About to emit message to BITRIX_SERVICE: " + text, message_id=message_id)
         async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-            await publish_json(
-                lane, self.settings.rabbitmq_queue, text.encode(), message_id=str(event.id)
-            )
-        log.info("[Core] Message emitted successfully", message_id=str(event.id))
+            await lane.publish(self.settings.rabbitmq_queue, text.encode(), message_id=message_id)
+        log.info("[Core] Message emitted successfully", message_id=message_id)
 
     async def _listen(self) -> None:
         """Keeps a LISTEN connection open; reconnects when it drops (polling covers the gap)."""
