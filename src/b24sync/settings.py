@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     # Run the outbox relay in a process of its own instead of in every HTTP worker, so that
     # publishing keeps up while the HTTP workers are saturated (see core/outbox/process.py).
     outbox_relay_process: bool = False
+    # Grouped create statements running at once; creates that arrive meanwhile wait and are
+    # written together by the next one (see core/users/repository.py).
+    create_groups_in_flight: int = 2
     db_pool_size: int = 20
     db_max_overflow: int = 10
 

@@ -24,6 +24,7 @@ from b24sync.core.migrate import check_schema
 from b24sync.core.outbox.relay import Relay
 from b24sync.core.sync.consumer import register_reply_consumer
 from b24sync.core.users.endpoints import router as users_router
+from b24sync.core.users.repository import GROUPED_CREATES, grouped_creates
 from b24sync.logs import get_logger
 from b24sync.messaging import describe_url, make_broker
 from b24sync.settings import Settings, get_settings
@@ -38,11 +39,11 @@ state. With `CORE_API_TOKEN` set, send `Authorization: Bearer <token>`.
 """
 
 
-async def connect_broker(broker: RabbitBroker, url: str, connected: asyncio.Event) -> None:
+async def connect_broker(broker: RabbitBroker, url: str) -> None:
     """Connects and starts the reply consumer, retrying until RabbitMQ answers.
 
-    Core serves writes meanwhile; the relay publishes once the connection is up, and the
-    robust connection reconnects by itself after that.
+    Core serves writes meanwhile (the relay has connections of its own), and the robust
+    connection reconnects by itself after that.
     """
     backoff = Backoff(initial_s=0.5, max_s=15.0)
     while True:
@@ -62,7 +63,6 @@ async def connect_broker(broker: RabbitBroker, url: str, connected: asyncio.Even
             await asyncio.sleep(delay)
             continue
         log.info("[Core] Connected to RabbitMQ successfully", url=describe_url(url))
-        connected.set()
         return
 
 
@@ -75,20 +75,16 @@ def create_app(settings: Settings) -> FastAPI:
         except BaseException:
             await engine.dispose()
             raise
-        sessionmaker = create_sessionmaker(engine)
+        creates = grouped_creates(engine, settings.create_groups_in_flight)
+        sessionmaker = create_sessionmaker(engine, info={GROUPED_CREATES: creates})
         broker = make_broker(settings.rabbitmq_url)
         register_reply_consumer(broker, settings.rabbitmq_reply_queue, sessionmaker)
-        broker_connected = asyncio.Event()
         app.state.engine = engine
         app.state.sessionmaker = sessionmaker
         app.state.broker = broker
-        tasks = [
-            asyncio.create_task(
-                connect_broker(broker, settings.rabbitmq_url, broker_connected), name="broker"
-            )
-        ]
+        tasks = [asyncio.create_task(connect_broker(broker, settings.rabbitmq_url), name="broker")]
         if not settings.outbox_relay_process:  # otherwise core/outbox/process.py runs it
-            relay = Relay(settings, engine, broker, broker_connected)
+            relay = Relay(settings, engine)
             tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
         try:
             yield

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 from fastapi import Request
@@ -48,8 +49,11 @@ def create_engine(settings: Settings) -> AsyncEngine:
     )
 
 
-def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False)
+def create_sessionmaker(
+    engine: AsyncEngine, info: dict[str, Any] | None = None
+) -> async_sessionmaker[AsyncSession]:
+    """Sessions for requests and consumers; `info` is handed to every session (`Session.info`)."""
+    return async_sessionmaker(engine, expire_on_commit=False, info=info)
 
 
 async def get_db_session(request: Request) -> AsyncIterator[AsyncSession]:

@@ -4,64 +4,116 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import func, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
+from b24sync.batching import Coalescer
 from b24sync.core.db import DRIVER_CONNECTION_ERRORS
 from b24sync.core.models import SyncStatus, User
 from b24sync.core.outbox.repository import NOTIFY_CHANNEL
 from b24sync.core.outbox.service import EventDraft
 
 _USER_COLUMNS = [column.name for column in User.__table__.columns]
-# The user, its event and the relay's wake-up in one statement, sent straight through the
-# driver (asyncpg's prepared-statement cache): the hottest path skips SQLAlchemy's statement
-# execution, which cost more CPU than the round trip itself. NOTIFY is delivered on commit only.
-_INSERT_WITH_EVENT = (
-    "WITH new_user AS ("
-    " INSERT INTO users (full_name, phone, stage) VALUES ($1, $2, $3)"
-    " RETURNING *"
-    "), event AS ("
-    " INSERT INTO outbox_events (id, user_id, pattern, body)"
-    " SELECT $4, id, $5, jsonb_set($6::jsonb, '{data,user,id}', to_jsonb(id))"
-    " FROM new_user RETURNING user_id"
-    ") SELECT new_user.*, pg_notify($7, '') FROM new_user"
-    " JOIN event ON event.user_id = new_user.id"
+# Users and their `user_created` events, any number in one statement; the relay is woken once.
+# Ids are drawn up front so each event can carry its user's id and each row find its caller.
+# The statement goes straight through the driver (asyncpg's prepared-statement cache): on the
+# hottest path SQLAlchemy's statement execution cost more CPU than the round trip itself.
+# NOTIFY is delivered on commit only.
+_INSERT_WITH_EVENTS = """
+WITH input AS (
+    SELECT nextval(pg_get_serial_sequence('users', 'id')) AS id, item.*
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[])
+        WITH ORDINALITY AS item (full_name, phone, stage, event_id, pattern, body, position)
+), new_users AS (
+    INSERT INTO users (id, full_name, phone, stage)
+    SELECT id, full_name, phone, stage FROM input ORDER BY position
+    RETURNING *
+), events AS (
+    INSERT INTO outbox_events (id, user_id, pattern, body)
+    SELECT event_id, id, pattern, jsonb_set(body::jsonb, '{data,user,id}', to_jsonb(id))
+    FROM input ORDER BY position
+), wake AS (
+    SELECT pg_notify($7, '')
 )
+SELECT new_users.* FROM new_users JOIN input USING (id) CROSS JOIN wake
+ORDER BY input.position
+"""
+# Key of the app's create group in `Session.info` (see `grouped_creates`).
+GROUPED_CREATES = "grouped_creates"
+# Rows of one grouped statement: large enough for any burst, small enough for one round trip.
+MAX_GROUP = 100
+
+
+@dataclass(frozen=True, slots=True)
+class NewUser:
+    full_name: str
+    phone: str
+    stage: str
+    event: EventDraft
+
+
+async def _insert_with_events(connection: AsyncConnection, users: list[NewUser]) -> list[Any]:
+    """Runs the insert on `connection`: in its transaction when one is open, otherwise as a
+    transaction of its own. A single statement is atomic either way."""
+    driver = (await connection.get_raw_connection()).driver_connection
+    assert driver is not None
+    try:
+        rows: list[Any] = await driver.fetch(
+            _INSERT_WITH_EVENTS,
+            [user.full_name for user in users],
+            [user.phone for user in users],
+            [user.stage for user in users],
+            [user.event.id for user in users],
+            [user.event.pattern.value for user in users],
+            [json.dumps(user.event.body, ensure_ascii=False) for user in users],
+            NOTIFY_CHANNEL,
+        )
+    except DRIVER_CONNECTION_ERRORS:
+        await connection.invalidate()  # never back into the pool
+        raise
+    return rows
+
+
+def _one_user_to_blame(exc: BaseException) -> bool:
+    """An error the database raised about the rows (not about itself): worth finding out which."""
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, DRIVER_CONNECTION_ERRORS)
+
+
+def grouped_creates(engine: AsyncEngine, in_flight: int) -> Coalescer[NewUser, Any]:
+    """Creates from concurrent requests, written together: one statement and one commit for
+    the whole group instead of one each, which is most of what a create costs Core and
+    PostgreSQL. Each caller still answers only after its own row is committed."""
+
+    async def insert(users: list[NewUser]) -> list[Any]:
+        async with engine.connect() as connection:
+            return await _insert_with_events(connection, users)
+
+    return Coalescer(
+        insert, max_in_flight=in_flight, max_items=MAX_GROUP, retry_alone=_one_user_to_blame
+    )
 
 
 class UserRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def create(self, *, full_name: str, phone: str, stage: str, event: EventDraft) -> User:
-        """Inserts the user and its ``user_created`` event in one statement (one round trip on
-        the hottest path). The event body is built by the contracts model; only the user id,
-        assigned by this very insert, is written into it by the database.
+    async def create(self, user: NewUser) -> User:
+        """Inserts the user and its `user_created` event in one statement; only the user id,
+        assigned by that statement, is written into the event by the database.
 
-        The statement runs on the session's connection, so inside the session's transaction
-        when one is open; otherwise it is a transaction of its own, and the session's commit
-        has nothing left to send. A single statement is atomic either way: the user, its
-        event and the NOTIFY are committed together or not at all.
+        With the app's create group in the session (`grouped_creates`), the statement is shared
+        with concurrent creates and commits by itself. Otherwise it runs on the session's own
+        connection, inside its transaction when one is open.
         """
-        connection = await self.session.connection()
-        driver = (await connection.get_raw_connection()).driver_connection
-        assert driver is not None
-        try:
-            row = await driver.fetchrow(
-                _INSERT_WITH_EVENT,
-                full_name,
-                phone,
-                stage,
-                event.id,
-                event.pattern.value,
-                json.dumps(event.body, ensure_ascii=False),
-                NOTIFY_CHANNEL,
-            )
-        except DRIVER_CONNECTION_ERRORS:
-            await connection.invalidate()  # never back into the pool
-            raise
+        group: Coalescer[NewUser, Any] | None = self.session.info.get(GROUPED_CREATES)
+        if group is not None:
+            row = await group.submit(user)
+        else:
+            (row,) = await _insert_with_events(await self.session.connection(), [user])
         return User(**{column: row[column] for column in _USER_COLUMNS})
 
     async def get(self, user_id: int, *, for_update: bool = False) -> User | None:

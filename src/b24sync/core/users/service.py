@@ -1,5 +1,6 @@
 """The rules of the users API. Never commits: the request's session does, so the change and
-its outbox event land in one transaction."""
+its outbox event land in one transaction (a create is a single statement that writes both, see
+`UserRepository.create`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from b24sync.contracts import Pattern
 from b24sync.core.exceptions import FieldValidationError, NotFoundError
 from b24sync.core.models import SyncStatus, User
 from b24sync.core.outbox.service import outbox_service
-from b24sync.core.users.repository import UserRepository
+from b24sync.core.users.repository import NewUser, UserRepository
 from b24sync.core.users.schemas import UserCreate, UserMove, UserUpdate
 from b24sync.settings import Settings
 
@@ -52,9 +53,7 @@ class UserService:
         # The id is not known before the insert: the repository writes it into the event.
         unsaved = User(id=0, full_name=data.full_name, phone=phone, stage=stage, version=1)
         event = outbox_service.draft(unsaved, Pattern.USER_CREATED, settings.rabbitmq_reply_queue)
-        return await repository.create(
-            full_name=data.full_name, phone=phone, stage=stage, event=event
-        )
+        return await repository.create(NewUser(data.full_name, phone, stage, event))
 
     async def get(self, session: AsyncSession, user_id: int) -> User:
         user = await UserRepository(session).get(user_id)

@@ -1,0 +1,124 @@
+"""Concurrent creates written together, on the real PostgreSQL: one statement and one commit
+per group, yet every caller gets its own user, every user its own event, and a row the
+database refuses fails only its own caller."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from uuid import UUID
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from b24sync.core.db import create_sessionmaker
+from b24sync.core.models import User
+from b24sync.core.outbox.service import EventDraft, outbox_service
+from b24sync.core.users.repository import GROUPED_CREATES, grouped_creates
+from b24sync.core.users.schemas import UserCreate
+from b24sync.core.users.service import user_service
+from b24sync.settings import Settings
+from tests.core.helpers import create_user, event_ids
+
+Sessions = async_sessionmaker[AsyncSession]
+
+
+def grouped_sessions(engine: AsyncEngine, in_flight: int) -> Sessions:
+    """Sessions as the app makes them: creates go through one shared group."""
+    return create_sessionmaker(engine, info={GROUPED_CREATES: grouped_creates(engine, in_flight)})
+
+
+async def create(sessions: Sessions, settings: Settings, name: str) -> User:
+    async with sessions() as session:
+        data = UserCreate(full_name=name, phone="+77001112233", stage="NEW")
+        user = await user_service.create(session, settings, data)
+        await session.commit()
+        return user
+
+
+async def test_concurrent_creates_are_written_together_each_with_its_own_event(
+    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+) -> None:
+    sessions = grouped_sessions(engine, in_flight=1)
+    names = [f"User {n}" for n in range(40)]
+    users = await asyncio.gather(*(create(sessions, core_settings, name) for name in names))
+
+    assert [user.full_name for user in users] == names
+    assert len({user.id for user in users}) == len(names)
+    async with committed() as session:
+        stored = dict((await session.execute(text("SELECT id, full_name FROM users"))).all())
+        events = (
+            await session.execute(text("SELECT user_id, pattern, body FROM outbox_events"))
+        ).all()
+        # now() is the transaction's start: users written by one statement share it.
+        transactions = (
+            await session.execute(text("SELECT count(DISTINCT created_at) FROM users"))
+        ).scalar_one()
+    assert stored == {user.id: user.full_name for user in users}
+    assert len(events) == len(names)
+    for user_id, pattern, body in events:
+        assert pattern == "user_created"
+        assert body["data"]["user"]["id"] == user_id
+        assert body["data"]["user"]["full_name"] == stored[user_id]
+    assert transactions < len(names) / 4
+
+
+async def test_a_create_alone_is_written_at_once(
+    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+) -> None:
+    user = await create(grouped_sessions(engine, in_flight=2), core_settings, "Alone")
+    async with committed() as session:
+        row = (await session.execute(text("SELECT id, body FROM outbox_events"))).one()
+    assert row.body["pattern"] == "user_created"
+    assert row.body["data"]["user"] == {
+        "id": user.id,
+        "full_name": "Alone",
+        "phone": "+77001112233",
+        "stage": "NEW",
+        "version": 1,
+        "bitrix_lead_id": None,
+    }
+
+
+async def test_a_row_the_database_refuses_fails_only_its_own_create(
+    core_settings: Settings,
+    engine: AsyncEngine,
+    committed: Sessions,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await create_user(committed, core_settings, "Existing")
+    [taken] = await event_ids(committed)
+    draft = outbox_service.draft
+
+    def clashing_for_bad(user: User, pattern: object, reply_queue: str) -> EventDraft:
+        event = draft(user, pattern, reply_queue)  # type: ignore[arg-type]
+        return dataclasses.replace(event, id=UUID(taken)) if user.full_name == "Bad" else event
+
+    monkeypatch.setattr(outbox_service, "draft", clashing_for_bad)
+    sessions = grouped_sessions(engine, in_flight=1)
+    names = ["First", "Second", "Bad", "Third", "Fourth"]
+    results = await asyncio.gather(
+        *(create(sessions, core_settings, name) for name in names), return_exceptions=True
+    )
+
+    assert isinstance(results[2], asyncpg.UniqueViolationError)
+    assert [result.full_name for result in results if isinstance(result, User)] == [
+        "First",
+        "Second",
+        "Third",
+        "Fourth",
+    ]
+    async with committed() as session:
+        rows = (
+            await session.execute(
+                text(
+                    "SELECT u.full_name FROM users u JOIN outbox_events e ON e.user_id = u.id"
+                    " ORDER BY u.id"
+                )
+            )
+        ).scalars()
+        users = (await session.execute(text("SELECT count(*) FROM users"))).scalar_one()
+    assert sorted(rows) == sorted(["Existing", "First", "Second", "Third", "Fourth"])
+    assert users == 5  # and no user without its event

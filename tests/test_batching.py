@@ -1,0 +1,126 @@
+"""The coalescer: items go out alone at low load and together under load, each caller gets
+its own result, and one bad item fails only its own caller."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from b24sync.batching import Coalescer
+
+
+class BadItemError(Exception):
+    pass
+
+
+class Recorder:
+    """A flush that records its groups and can be held open to let items pile up."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[int]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def flush(self, items: list[int]) -> list[int]:
+        self.groups.append(list(items))
+        await self.gate.wait()
+        if len(items) > 1 and 13 in items:
+            raise BadItemError("13 in the group")
+        if items == [13]:
+            raise BadItemError("13")
+        return [item * 10 for item in items]
+
+
+async def settle() -> None:
+    """Lets every ready task run until it waits on something (the gate, a result)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_an_item_at_low_load_goes_out_alone_at_once() -> None:
+    recorder = Recorder()
+    coalescer = Coalescer(recorder.flush, max_in_flight=2, max_items=10)
+    assert await coalescer.submit(1) == 10
+    assert await coalescer.submit(2) == 20
+    assert recorder.groups == [[1], [2]]
+
+
+async def test_items_arriving_while_groups_run_leave_together() -> None:
+    recorder = Recorder()
+    recorder.gate.clear()
+    coalescer = Coalescer(recorder.flush, max_in_flight=1, max_items=3)
+    calls = [asyncio.create_task(coalescer.submit(n)) for n in range(1, 8)]
+    await settle()
+    assert recorder.groups == [[1]]  # the rest wait for the running group, not for a timer
+    recorder.gate.set()
+    assert await asyncio.gather(*calls) == [10, 20, 30, 40, 50, 60, 70]
+    assert recorder.groups == [[1], [2, 3, 4], [5, 6, 7]]
+
+
+async def test_groups_run_side_by_side_up_to_the_limit() -> None:
+    recorder = Recorder()
+    recorder.gate.clear()
+    coalescer = Coalescer(recorder.flush, max_in_flight=2, max_items=10)
+    calls = [asyncio.create_task(coalescer.submit(n)) for n in range(1, 6)]
+    await settle()
+    assert recorder.groups == [[1], [2]]
+    recorder.gate.set()
+    assert await asyncio.gather(*calls) == [10, 20, 30, 40, 50]
+    assert recorder.groups == [[1], [2], [3, 4, 5]]
+
+
+async def test_a_bad_item_fails_only_its_own_caller() -> None:
+    recorder = Recorder()
+    recorder.gate.clear()
+    coalescer = Coalescer(
+        recorder.flush,
+        max_in_flight=1,
+        max_items=10,
+        retry_alone=lambda exc: isinstance(exc, BadItemError),
+    )
+    calls = [asyncio.create_task(coalescer.submit(n)) for n in (1, 12, 13, 14)]
+    await settle()
+    recorder.gate.set()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert results[:2] == [10, 120]
+    assert isinstance(results[2], BadItemError)
+    assert results[3] == 140
+    assert recorder.groups == [[1], [12, 13, 14], [12], [13], [14]]
+
+
+async def test_an_error_not_worth_retrying_fails_the_whole_group() -> None:
+    recorder = Recorder()
+    recorder.gate.clear()
+    coalescer = Coalescer(recorder.flush, max_in_flight=1, max_items=10)
+    calls = [asyncio.create_task(coalescer.submit(n)) for n in (1, 12, 13)]
+    await settle()
+    recorder.gate.set()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert results[0] == 10
+    assert all(isinstance(result, BadItemError) for result in results[1:])
+    assert recorder.groups == [[1], [12, 13]]
+
+
+async def test_a_caller_that_gives_up_leaves_the_others_their_results() -> None:
+    recorder = Recorder()
+    recorder.gate.clear()
+    coalescer = Coalescer(recorder.flush, max_in_flight=1, max_items=10)
+    calls = [asyncio.create_task(coalescer.submit(n)) for n in (1, 2, 3)]
+    await settle()
+    calls[1].cancel()
+    recorder.gate.set()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert results[0] == 10
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert results[2] == 30
+    assert recorder.groups == [[1], [2, 3]]  # a cancelled caller's item is still written
+
+
+async def test_a_flush_with_the_wrong_number_of_results_fails_its_callers() -> None:
+    async def short(items: list[int]) -> list[int]:
+        return items[:-1]
+
+    coalescer = Coalescer(short, max_in_flight=1, max_items=10)
+    with pytest.raises(RuntimeError, match="0 results for 1 items"):
+        await coalescer.submit(1)
