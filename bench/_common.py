@@ -41,7 +41,30 @@ def add_core_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="run the outbox relay in a process of its own (OUTBOX_RELAY_PROCESS)",
     )
+    parser.add_argument(
+        "--create-groups", type=int, default=2, help="Core's CREATE_GROUPS_IN_FLIGHT"
+    )
     parser.add_argument("--log-level", default="INFO", help="Core's LOG_LEVEL")
+
+
+def core_environment(args: argparse.Namespace) -> dict[str, str]:
+    """The Core settings that `add_core_arguments` chose, as environment variables."""
+    return {
+        "CORE_WORKERS": str(args.workers),
+        "OUTBOX_RELAY_PROCESS": str(args.relay_process).lower(),
+        "CREATE_GROUPS_IN_FLIGHT": str(args.create_groups),
+        "LOG_LEVEL": args.log_level,
+    }
+
+
+def core_description(args: argparse.Namespace) -> dict[str, Any]:
+    """The same settings, for the result file."""
+    return {
+        "core_workers": args.workers,
+        "outbox_relay_process": args.relay_process,
+        "create_groups_in_flight": args.create_groups,
+        "core_log_level": args.log_level,
+    }
 
 
 def free_port() -> int:

@@ -4,7 +4,7 @@ Core runs as `b24sync core` in a subprocess; the load comes from another process
 keep-alive connections, each sending the next request as soon as the previous one is answered.
 
     .venv/bin/python bench/core_api.py [--connections 16] [--seconds 10] [--workers 1]
-                                         [--no-relay-process]
+                                         [--create-groups 2] [--no-relay-process]
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import (
     KeepAliveConnection,
     add_core_arguments,
+    core_description,
+    core_environment,
     core_process,
     cpu_seconds,
     cpu_speed_ms,
@@ -93,11 +95,7 @@ def main() -> None:
     prepare_database()
     speed_before = cpu_speed_ms()
     queue = "bench.core_api"
-    env = {
-        "CORE_WORKERS": str(args.workers),
-        "LOG_LEVEL": args.log_level,
-        "OUTBOX_RELAY_PROCESS": str(args.relay_process).lower(),
-    }
+    env = core_environment(args)
     port = free_port()
     try:
         with core_process(port, queue, **env) as core:
@@ -139,9 +137,7 @@ def main() -> None:
     result = {
         "benchmark": "POST /users",
         "connections": args.connections,
-        "core_workers": args.workers,
-        "outbox_relay_process": args.relay_process,
-        "core_log_level": args.log_level,
+        **core_description(args),
         "seconds": args.seconds,
         "requests": len(latencies),
         "errors": run["errors"],

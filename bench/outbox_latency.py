@@ -28,6 +28,8 @@ from _common import (
     RABBITMQ_URL,
     KeepAliveConnection,
     add_core_arguments,
+    core_description,
+    core_environment,
     core_process,
     cpu_speed_ms,
     delete_queues,
@@ -115,11 +117,7 @@ def main() -> None:
     speed_before = cpu_speed_ms()
     queue = "bench.outbox_latency"
     port = free_port()
-    env = {
-        "CORE_WORKERS": str(args.workers),
-        "LOG_LEVEL": args.log_level,
-        "OUTBOX_RELAY_PROCESS": str(args.relay_process).lower(),
-    }
+    env = core_environment(args)
     try:
         with core_process(port, queue, **env):
             run = uvloop.run(measure(port, queue, args.rate, args.seconds))
@@ -131,9 +129,7 @@ def main() -> None:
         "benchmark": "outbox: API 201 -> message on the queue",
         "rate_per_s": args.rate,
         "seconds": args.seconds,
-        "core_workers": args.workers,
-        "outbox_relay_process": args.relay_process,
-        "core_log_level": args.log_level,
+        **core_description(args),
         "sent": run["sent"],
         "errors": run["errors"],
         "missing": run["missing"],
