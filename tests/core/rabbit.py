@@ -1,4 +1,4 @@
-"""Reading what Core put on RabbitMQ, and a TCP proxy that plays a broker going away."""
+"""Reading what Core put on RabbitMQ, and a TCP proxy that plays a server going away."""
 
 from __future__ import annotations
 
@@ -68,9 +68,10 @@ async def publish_raw(queue_name: str, body: bytes | str) -> None:
         )
 
 
-class BrokerProxy:
-    """Forwards a spare port to the shared RabbitMQ; `stop` cuts every connection and refuses
-    new ones, `start` lets them through again. The shared broker itself is never touched."""
+class TcpProxy:
+    """Forwards a spare port to a shared server (RabbitMQ by default); `stop` cuts every
+    connection and refuses new ones, `start` lets them through again. The shared server itself
+    is never touched."""
 
     def __init__(self, target_port: int = 5672) -> None:
         self.port = free_port()
@@ -79,7 +80,7 @@ class BrokerProxy:
         self._writers: set[asyncio.StreamWriter] = set()
 
     @property
-    def url(self) -> str:
+    def amqp_url(self) -> str:
         # Reconnect quickly: the default robust reconnect interval is 5 s.
         return f"amqp://guest:guest@127.0.0.1:{self.port}/?reconnect_interval=0.3"
 

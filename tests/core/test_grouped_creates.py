@@ -9,8 +9,10 @@ import dataclasses
 from uuid import UUID
 
 import asyncpg
+import httpx
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from b24sync.core.db import create_sessionmaker
@@ -20,7 +22,8 @@ from b24sync.core.users.repository import GROUPED_CREATES, grouped_creates
 from b24sync.core.users.schemas import UserCreate
 from b24sync.core.users.service import user_service
 from b24sync.settings import Settings
-from tests.core.helpers import create_user, event_ids
+from tests.core.helpers import create_user, event_ids, running_core
+from tests.core.rabbit import TcpProxy
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -122,3 +125,39 @@ async def test_a_row_the_database_refuses_fails_only_its_own_create(
         users = (await session.execute(text("SELECT count(*) FROM users"))).scalar_one()
     assert sorted(rows) == sorted(["Existing", "First", "Second", "Third", "Fourth"])
     assert users == 5  # and no user without its event
+
+
+async def test_creates_answer_503_while_the_database_is_unreachable_then_recover(
+    core_settings: Settings, committed: Sessions
+) -> None:
+    proxy = TcpProxy(target_port=make_url(core_settings.database_url).port or 5432)
+    await proxy.start()
+    url = make_url(core_settings.database_url).set(host="127.0.0.1", port=proxy.port)
+    settings = core_settings.model_copy(
+        update={"database_url": url.render_as_string(hide_password=False)}
+    )
+
+    async def post(name: str) -> httpx.Response:
+        return await http.post("/users", json={"full_name": name, "phone": "+77001112233"})
+
+    async with running_core(settings) as http:
+        assert (await post("Before")).status_code == 201
+        await proxy.stop()
+        during = await asyncio.gather(*(post(f"During {n}") for n in range(5)))
+        assert [response.status_code for response in during] == [503] * 5
+        assert during[0].json() == {"detail": "Database unavailable, try again"}
+
+        await proxy.start()
+        for _ in range(50):  # pooled connections the outage cut are found dead one by one
+            after = await post("After")
+            if after.status_code == 201:
+                break
+            assert after.status_code == 503
+        assert after.status_code == 201
+    await proxy.stop()
+
+    async with committed() as session:
+        names = (await session.execute(text("SELECT full_name FROM users ORDER BY id"))).scalars()
+        events = (await session.execute(text("SELECT count(*) FROM outbox_events"))).scalar_one()
+    assert list(names) == ["Before", "After"]
+    assert events == 2

@@ -44,7 +44,7 @@ from tests.core.helpers import (
     running_core,
     unpublished,
 )
-from tests.core.rabbit import BrokerProxy, Received, drain, publish_raw, queue_depth
+from tests.core.rabbit import Received, TcpProxy, drain, publish_raw, queue_depth
 
 CORE = str(Path(sys.executable).parent / "b24sync")
 
@@ -168,8 +168,8 @@ async def test_events_of_each_user_leave_in_commit_order(
 async def test_broker_down_keeps_writes_and_events_flow_when_back(
     core_settings: Settings, committed: Sessions
 ) -> None:
-    proxy = BrokerProxy()  # not listening yet: RabbitMQ is "down"
-    settings = core_settings.model_copy(update={"rabbitmq_url": proxy.url})
+    proxy = TcpProxy()  # not listening yet: RabbitMQ is "down"
+    settings = core_settings.model_copy(update={"rabbitmq_url": proxy.amqp_url})
     async with running_core(settings) as http:
         ready = await http.get("/readyz")
         assert ready.status_code == 503
