@@ -17,10 +17,11 @@ class BadItemError(Exception):
 class Recorder:
     """A flush that records its groups and can be held open to let items pile up."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, held: bool = False) -> None:
         self.groups: list[list[int]] = []
         self.gate = asyncio.Event()
-        self.gate.set()
+        if not held:
+            self.gate.set()
 
     async def flush(self, items: list[int]) -> list[int]:
         self.groups.append(list(items))
@@ -32,10 +33,13 @@ class Recorder:
         return [item * 10 for item in items]
 
 
-async def settle() -> None:
-    """Lets every ready task run until it waits on something (the gate, a result)."""
+async def submitted(coalescer: Coalescer[int, int], items: list[int]) -> list[asyncio.Task[int]]:
+    """Submits each item from a task of its own, then lets every task run until it waits on
+    something (the gate, a result)."""
+    calls = [asyncio.create_task(coalescer.submit(item)) for item in items]
     for _ in range(5):
         await asyncio.sleep(0)
+    return calls
 
 
 async def test_an_item_at_low_load_goes_out_alone_at_once() -> None:
@@ -47,11 +51,9 @@ async def test_an_item_at_low_load_goes_out_alone_at_once() -> None:
 
 
 async def test_items_arriving_while_groups_run_leave_together() -> None:
-    recorder = Recorder()
-    recorder.gate.clear()
+    recorder = Recorder(held=True)
     coalescer = Coalescer(recorder.flush, max_in_flight=1, max_items=3)
-    calls = [asyncio.create_task(coalescer.submit(n)) for n in range(1, 8)]
-    await settle()
+    calls = await submitted(coalescer, list(range(1, 8)))
     assert recorder.groups == [[1]]  # the rest wait for the running group, not for a timer
     recorder.gate.set()
     assert await asyncio.gather(*calls) == [10, 20, 30, 40, 50, 60, 70]
@@ -59,11 +61,9 @@ async def test_items_arriving_while_groups_run_leave_together() -> None:
 
 
 async def test_groups_run_side_by_side_up_to_the_limit() -> None:
-    recorder = Recorder()
-    recorder.gate.clear()
+    recorder = Recorder(held=True)
     coalescer = Coalescer(recorder.flush, max_in_flight=2, max_items=10)
-    calls = [asyncio.create_task(coalescer.submit(n)) for n in range(1, 6)]
-    await settle()
+    calls = await submitted(coalescer, list(range(1, 6)))
     assert recorder.groups == [[1], [2]]
     recorder.gate.set()
     assert await asyncio.gather(*calls) == [10, 20, 30, 40, 50]
@@ -71,16 +71,14 @@ async def test_groups_run_side_by_side_up_to_the_limit() -> None:
 
 
 async def test_a_bad_item_fails_only_its_own_caller() -> None:
-    recorder = Recorder()
-    recorder.gate.clear()
+    recorder = Recorder(held=True)
     coalescer = Coalescer(
         recorder.flush,
         max_in_flight=1,
         max_items=10,
         retry_alone=lambda exc: isinstance(exc, BadItemError),
     )
-    calls = [asyncio.create_task(coalescer.submit(n)) for n in (1, 12, 13, 14)]
-    await settle()
+    calls = await submitted(coalescer, [1, 12, 13, 14])
     recorder.gate.set()
     results = await asyncio.gather(*calls, return_exceptions=True)
     assert results[:2] == [10, 120]
@@ -90,11 +88,9 @@ async def test_a_bad_item_fails_only_its_own_caller() -> None:
 
 
 async def test_an_error_not_worth_retrying_fails_the_whole_group() -> None:
-    recorder = Recorder()
-    recorder.gate.clear()
+    recorder = Recorder(held=True)
     coalescer = Coalescer(recorder.flush, max_in_flight=1, max_items=10)
-    calls = [asyncio.create_task(coalescer.submit(n)) for n in (1, 12, 13)]
-    await settle()
+    calls = await submitted(coalescer, [1, 12, 13])
     recorder.gate.set()
     results = await asyncio.gather(*calls, return_exceptions=True)
     assert results[0] == 10
@@ -103,11 +99,9 @@ async def test_an_error_not_worth_retrying_fails_the_whole_group() -> None:
 
 
 async def test_a_caller_that_gives_up_leaves_the_others_their_results() -> None:
-    recorder = Recorder()
-    recorder.gate.clear()
+    recorder = Recorder(held=True)
     coalescer = Coalescer(recorder.flush, max_in_flight=1, max_items=10)
-    calls = [asyncio.create_task(coalescer.submit(n)) for n in (1, 2, 3)]
-    await settle()
+    calls = await submitted(coalescer, [1, 2, 3])
     calls[1].cancel()
     recorder.gate.set()
     results = await asyncio.gather(*calls, return_exceptions=True)
