@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     # Run the outbox relay in a process of its own instead of in every HTTP worker, so that
     # publishing keeps up while the HTTP workers are saturated (see core/outbox/process.py).
     outbox_relay_process: bool = False
+    # A change still unanswered this long after its event was published is sent again (same
+    # message_id; the wait doubles with each resend, up to a day). 0 turns resending off.
+    sync_resend_after_s: float = 600.0
     # Grouped create statements running at once; creates that arrive meanwhile wait and are
     # written together by the next one (see core/users/repository.py).
     create_groups_in_flight: int = 2

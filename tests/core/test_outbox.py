@@ -24,7 +24,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from b24sync.contracts import Pattern
+from b24sync.contracts import Pattern, ReplyData
 from b24sync.core.models import OutboxEvent, User
 from b24sync.core.outbox.relay import Relay, waves
 from b24sync.core.outbox.repository import (
@@ -32,8 +32,10 @@ from b24sync.core.outbox.repository import (
     PendingEvent,
     claim_batch,
     relay_transaction,
+    requeue_unanswered,
 )
 from b24sync.core.outbox.service import EventDraft, build_event, outbox_service
+from b24sync.core.sync.service import reply_service
 from b24sync.settings import Settings
 from tests.core.helpers import (
     Sessions,
@@ -389,3 +391,77 @@ async def test_a_user_is_never_created_without_its_event(
         names = (await session.execute(text("SELECT full_name FROM users"))).scalars().all()
     assert names == [first.full_name]
     assert await event_ids(committed) == [taken]
+
+
+async def answer_success(sessions: Sessions, user: User) -> None:
+    reply = ReplyData.model_validate(
+        {
+            "status": "success",
+            "action": "create_card",
+            "bitrix_lead_id": 5,
+            "user": {"id": user.id, "version": user.version},
+        }
+    )
+    async with sessions() as session, session.begin():
+        await reply_service.apply(session, reply)
+
+
+async def test_a_change_left_without_an_answer_is_sent_again(
+    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+) -> None:
+    settings = core_settings.model_copy(update={"sync_resend_after_s": 2.0})
+    relay = asyncio.create_task(Relay(settings, engine).run())
+    try:
+        answered = await create_user(committed, settings, "Answered")
+        lost = await create_user(committed, settings, "Lost")
+        first = await drain(settings.rabbitmq_queue, 2)
+        await answer_success(committed, answered)
+        # Nothing answers for "Lost" (its job gone with Redis's data, say): it comes again.
+        again = await drain(settings.rabbitmq_queue, 1, timeout_s=15)
+    finally:
+        relay.cancel()
+        await asyncio.gather(relay, return_exceptions=True)
+
+    lost_first = next(m for m in first if m.body["data"]["user"]["id"] == lost.id)
+    assert [m.message_id for m in again] == [lost_first.message_id]
+    assert again[0].body == lost_first.body
+    async with committed() as session:
+        resends = dict(
+            (await session.execute(text("SELECT user_id, resends FROM outbox_events"))).all()
+        )
+    assert resends[answered.id] == 0
+    assert resends[lost.id] >= 1
+    assert await unpublished(committed) == 0
+
+
+async def test_resends_wait_longer_each_time_and_only_for_the_latest_event(
+    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+) -> None:
+    user = await create_user(committed, core_settings, "Waiting")
+    user = await rename_user(committed, core_settings, user.id, "Waiting longer")
+    [older, latest] = await event_ids(committed)
+
+    async def published_ago(seconds: int, resends: int) -> int:
+        async with committed() as session, session.begin():
+            await session.execute(
+                text(
+                    "UPDATE outbox_events SET resends = :resends, published_at = now()"
+                    " - make_interval(secs => :seconds)"
+                ),
+                {"resends": resends, "seconds": seconds},
+            )
+        async with relay_transaction(engine) as transaction:
+            return await requeue_unanswered(transaction, after_s=100, limit=10)
+
+    assert await published_ago(50, resends=0) == 0  # not yet
+    assert await published_ago(150, resends=1) == 0  # the second resend waits 200 s
+    assert await published_ago(150, resends=0) == 1
+    async with committed() as session:
+        rows = (
+            await session.execute(text("SELECT id, resends, published_at FROM outbox_events"))
+        ).all()
+    state = {str(row.id): (row.resends, row.published_at is None) for row in rows}
+    assert state == {older: (0, False), latest: (1, True)}
+
+    await answer_success(committed, user)  # synced: nothing left to send again
+    assert await published_ago(1000, resends=0) == 0

@@ -54,3 +54,5 @@ class OutboxEvent(Base):
     body: Mapped[dict[str, Any]] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    # Times the event was sent again because no answer came (see `sync_resend_after_s`).
+    resends: Mapped[int] = mapped_column(Integer, default=0)

@@ -15,6 +15,10 @@ The relay publishes through connections of its own (`ConfirmedPublisher`, aio-pi
 FastStream: the per-event CPU matters here). It keeps trying while RabbitMQ or PostgreSQL is
 down, and the robust connections reconnect after an outage.
 
+At least once means end to end, too: a change the Bitrix service never answered (its job lost
+with Redis's data, its reply lost) is sent again after ``sync_resend_after_s``, with the same
+message_id, and again after twice as long, until an answer comes (`resend_unanswered`).
+
 A relay is woken by NOTIFY from the write transactions (a raw asyncpg LISTEN connection) and
 polls every ``outbox_poll_interval_s`` in case a notification was missed.
 """
@@ -42,6 +46,8 @@ from b24sync.settings import Settings
 log = get_logger(__name__)
 
 PUBLISH_TIMEOUT_S = 10.0
+# Unanswered events are looked for every sync_resend_after_s / 2, and at least this often.
+RESEND_CHECK_MAX_INTERVAL_S = 60.0
 
 
 def waves(events: list[PendingEvent]) -> list[list[PendingEvent]]:
@@ -96,6 +102,7 @@ class Relay:
         self._wakeup = asyncio.Event()
         # Set once the lanes are first connected; later outages are the robust connections' job.
         self.connected = asyncio.Event()
+        self._next_resend_check = 0.0
 
     async def run(self) -> None:
         """Publishes until cancelled; failures (broker or database down) only delay it."""
@@ -105,6 +112,7 @@ class Relay:
             while True:
                 self._wakeup.clear()
                 try:
+                    await self._resend_when_due()
                     while await self.publish_batch() >= self.settings.outbox_batch_size:
                         pass
                 except Exception as exc:
@@ -129,6 +137,29 @@ class Relay:
             with suppress(asyncio.CancelledError):
                 await listener
             await asyncio.gather(*(lane.close() for lane in self._lanes), return_exceptions=True)
+
+    async def _resend_when_due(self) -> None:
+        after_s = self.settings.sync_resend_after_s
+        now = asyncio.get_running_loop().time()
+        if after_s <= 0 or now < self._next_resend_check:
+            return
+        self._next_resend_check = now + min(after_s / 2, RESEND_CHECK_MAX_INTERVAL_S)
+        if count := await self.resend_unanswered():
+            log.warning(
+                "[Core] Sending again events that got no answer from the Bitrix service",
+                events=count,
+                after_s=after_s,
+            )
+
+    async def resend_unanswered(self) -> int:
+        """Queues again the latest event of every user whose change got no answer (the user is
+        still pending) long after it was published: a job lost with Redis's data, a reply
+        lost on the way. The same message_id comes back, so a job still in BullMQ is not
+        duplicated, and re-applying a version to its lead changes nothing. Returns how many."""
+        async with repository.relay_transaction(self.engine) as transaction:
+            return await repository.requeue_unanswered(
+                transaction, self.settings.sync_resend_after_s, self.settings.outbox_batch_size
+            )
 
     async def publish_batch(self) -> int:
         """Publishes one batch of pending events; returns how many went out (none while

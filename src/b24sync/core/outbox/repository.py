@@ -70,6 +70,26 @@ _MARK_PUBLISHED = (
 )
 
 
+# The latest event of each user still waiting for an answer, published long enough ago, is
+# marked unpublished again: the relay sends it once more with the same message_id. The wait
+# doubles with every resend, up to a day. Under the relay lock, so one relay does it at a time.
+_REQUEUE_UNANSWERED = """
+UPDATE outbox_events SET published_at = NULL, resends = resends + 1
+WHERE id IN (
+    SELECT latest.id FROM users
+    CROSS JOIN LATERAL (
+        SELECT id, published_at, resends FROM outbox_events
+        WHERE user_id = users.id ORDER BY seq DESC LIMIT 1
+    ) AS latest
+    WHERE users.sync_status = 'pending'
+      AND latest.published_at
+          < now() - make_interval(secs => least($2 * power(2, latest.resends), 86400))
+      AND (SELECT pg_try_advisory_xact_lock($1))
+    LIMIT $3
+)
+"""
+
+
 @asynccontextmanager
 async def relay_transaction(engine: AsyncEngine) -> AsyncIterator[Driver]:
     """A transaction on a pooled connection's asyncpg driver, committed when the block exits
@@ -92,6 +112,13 @@ async def claim_batch(driver: Driver, limit: int) -> list[PendingEvent]:
     return [
         PendingEvent(id=row[0], seq=row[1], user_id=row[2], body=json.loads(row[3])) for row in rows
     ]
+
+
+async def requeue_unanswered(driver: Driver, after_s: float, limit: int) -> int:
+    """Queues again up to `limit` events that got no answer within `after_s` (times 2 per
+    earlier resend); returns how many."""
+    status: str = await driver.execute(_REQUEUE_UNANSWERED, RELAY_LOCK_KEY, after_s, limit)
+    return int(status.rsplit(" ", 1)[-1])  # "UPDATE <count>"
 
 
 async def mark_published(driver: Driver, event_ids: Sequence[UUID]) -> None:
