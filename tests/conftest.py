@@ -64,8 +64,15 @@ async def forget(queues: list[str], redis_prefix: str) -> None:
             channel = await connection.channel()
             with contextlib.suppress(aio_pika.exceptions.AMQPError):
                 await channel.queue_delete(name)
+    await wipe_redis(redis_prefix)
+
+
+async def wipe_redis(prefix: str) -> int:
+    """Deletes every key under `prefix`: for the services using it, Redis lost everything.
+    Returns how many keys there were."""
     redis = Redis.from_url(REDIS_URL)
     async with redis:
-        keys = [key async for key in redis.scan_iter(match=f"{redis_prefix}:*")]
+        keys = [key async for key in redis.scan_iter(match=f"{prefix}:*")]
         if keys:
             await redis.delete(*keys)
+    return len(keys)
