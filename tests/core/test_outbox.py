@@ -465,3 +465,20 @@ async def test_resends_wait_longer_each_time_and_only_for_the_latest_event(
 
     await answer_success(committed, user)  # synced: nothing left to send again
     assert await published_ago(1000, resends=0) == 0
+
+
+async def test_every_unanswered_change_is_queued_again_in_one_pass(
+    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+) -> None:
+    settings = core_settings.model_copy(
+        update={"outbox_batch_size": 10, "sync_resend_after_s": 100}
+    )
+    for n in range(25):
+        await create_user(committed, settings, f"Unanswered {n}")
+    async with committed() as session, session.begin():
+        await session.execute(
+            text("UPDATE outbox_events SET published_at = now() - interval '1 hour'")
+        )
+
+    assert await Relay(settings, engine).resend_unanswered() == 25  # three chunks
+    assert await unpublished(committed) == 25

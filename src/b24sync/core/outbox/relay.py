@@ -144,10 +144,10 @@ class Relay:
         if after_s <= 0 or now < self._next_resend_check:
             return
         self._next_resend_check = now + min(after_s / 2, RESEND_CHECK_MAX_INTERVAL_S)
-        if count := await self.resend_unanswered():
+        if total := await self.resend_unanswered():
             log.warning(
                 "[Core] Sending again events that got no answer from the Bitrix service",
-                events=count,
+                events=total,
                 after_s=after_s,
             )
 
@@ -156,10 +156,15 @@ class Relay:
         still pending) long after it was published: a job lost with Redis's data, a reply
         lost on the way. The same message_id comes back, so a job still in BullMQ is not
         duplicated, and re-applying a version to its lead changes nothing. Returns how many."""
-        async with repository.relay_transaction(self.engine) as transaction:
-            return await repository.requeue_unanswered(
-                transaction, self.settings.sync_resend_after_s, self.settings.outbox_batch_size
-            )
+        total = 0
+        while True:  # a chunk per transaction
+            async with repository.relay_transaction(self.engine) as transaction:
+                count = await repository.requeue_unanswered(
+                    transaction, self.settings.sync_resend_after_s, self.settings.outbox_batch_size
+                )
+            total += count
+            if count < self.settings.outbox_batch_size:
+                return total
 
     async def publish_batch(self) -> int:
         """Publishes one batch of pending events; returns how many went out (none while
