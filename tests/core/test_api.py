@@ -120,6 +120,13 @@ async def test_seed_requests_verbatim(
         pytest.param({**SEED_CREATE, "phone": "hello"}, "phone", "phone number", id="text-phone"),
         pytest.param({**SEED_CREATE, "phone": "+7700"}, "phone", "phone number", id="bad-phone"),
         pytest.param({**SEED_CREATE, "phone": 77001112233}, "phone", "string", id="int-phone"),
+        pytest.param(
+            {**SEED_CREATE, "full_name": "Иван\x00"}, "full_name", "control", id="nul-name"
+        ),
+        pytest.param(
+            {**SEED_CREATE, "full_name": "Иван\nИванов"}, "full_name", "control", id="newline"
+        ),
+        pytest.param({**SEED_CREATE, "phone": "+7700\x001112233"}, "phone", "control", id="nul"),
         pytest.param({**SEED_CREATE, "stage": "WON"}, "stage", "NEW, IN_PROCESS", id="stage"),
         pytest.param({**SEED_CREATE, "id": 5}, "id", "Extra inputs", id="extra-id"),
         pytest.param(
@@ -151,6 +158,8 @@ async def test_create_rejects(
         pytest.param("", {"full_name": ""}, "full_name", "at least 1", id="patch-empty-name"),
         pytest.param("", {"phone": "+1"}, "phone", "phone number", id="patch-bad-phone"),
         pytest.param("", {"stage": "LOST"}, "stage", "allowed", id="patch-stage"),
+        pytest.param("", {"full_name": "A\x00"}, "full_name", "control", id="patch-nul-name"),
+        pytest.param("/move", {"stage": "NEW\x00"}, "stage", "control", id="move-nul-stage"),
         pytest.param("", {"id": 2}, "id", "Extra inputs", id="patch-id"),
         pytest.param("", {"sync_status": "synced"}, "sync_status", "Extra", id="patch-sync"),
         pytest.param("/move", {}, "stage", "Field required", id="move-no-stage"),
@@ -295,6 +304,9 @@ async def test_list_filters_and_pages(client: httpx.AsyncClient) -> None:
     assert pending.json()["pagination"]["total_count"] == 2
     bad = await client.get("/users", params={"sync_status": "done"})
     assert bad.status_code == 422
+    nul = await client.get("/users", params={"stage": "JUNK\x00"})
+    assert nul.status_code == 422
+    assert "control characters" in nul.json()["detail"][0]["msg"]
 
 
 async def test_token_required_when_set(core_settings: Settings, rollback_sessionmaker: Any) -> None:

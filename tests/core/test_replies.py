@@ -92,6 +92,15 @@ async def test_error_marks_failed(sessions: Sessions, core_settings: Settings, w
     assert after["bitrix_lead_id"] is None
 
 
+async def test_error_reason_with_nul_is_stored_without_it(
+    sessions: Sessions, core_settings: Settings
+) -> None:
+    user = await create_user(sessions, core_settings)
+    assert await handle_reply(envelope(error(user.id, 1, reason="Bad\x00 answer")), sessions)
+    after = await state(sessions, user.id)
+    assert (after["sync_status"], after["sync_error"]) == ("failed", "Bad answer")
+
+
 async def test_same_reply_twice_changes_nothing(
     sessions: Sessions, core_settings: Settings
 ) -> None:

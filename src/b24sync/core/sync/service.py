@@ -49,7 +49,8 @@ def _changes(user: User, reply: ReplyData, version: int) -> dict[str, Any]:
     elif current and newer_than_synced:
         values.update(
             sync_status=SyncStatus.FAILED.value,
-            sync_error=reply.reason or UNKNOWN_ERROR,
+            # PostgreSQL's text cannot hold NUL, whatever Bitrix24 put in its message.
+            sync_error=(reply.reason or UNKNOWN_ERROR).replace("\x00", ""),
             sync_attempts=attempts,
         )
     values = {key: value for key, value in values.items() if getattr(user, key) != value}

@@ -10,6 +10,7 @@ from b24sync.core.dependencies import SessionDep, SettingsDep
 from b24sync.core.models import SyncStatus
 from b24sync.core.users.schemas import (
     Pagination,
+    Stage,
     UserCreate,
     UserList,
     UserMove,
@@ -22,10 +23,11 @@ router = APIRouter(prefix="/users", tags=["users"])
 
 UserId = Annotated[int, Path(ge=1, le=2**63 - 1, description="The user's id")]
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"description": "No such user"},
+_BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Body that cannot be read as JSON"},
     413: {"description": "Body larger than 16 KiB"},
 }
+_ERRORS: dict[int | str, dict[str, Any]] = {404: {"description": "No such user"}, **_BODY_ERRORS}
 
 
 @router.post(
@@ -33,7 +35,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     status_code=status.HTTP_201_CREATED,
     response_model=UserRead,
     summary="Create a user",
-    responses={413: _ERRORS[413]},
+    responses=_BODY_ERRORS,
 )
 async def create_user(
     session: SessionDep,
@@ -67,7 +69,7 @@ async def create_user(
 @router.get("", response_model=UserList, summary="List users")
 async def list_users(
     session: SessionDep,
-    stage: Annotated[str | None, Query(max_length=64)] = None,
+    stage: Annotated[Stage | None, Query()] = None,
     sync_status: Annotated[SyncStatus | None, Query()] = None,
     page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,

@@ -2,18 +2,46 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 from pydantic.config import JsonDict
 
 from b24sync.core.models import SyncStatus, User
 
-FullName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+# Unicode's control characters (category Cc). NUL cannot be stored by PostgreSQL at all; tabs,
+# newlines and the like have no place in a name, a phone or a stage, and would reach the lead.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _no_control_characters(value: str) -> str:
+    if _CONTROL_CHARACTERS.search(value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+NoControlCharacters = AfterValidator(_no_control_characters)
+FullName = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    NoControlCharacters,
+]
 # Format rules (region, E.164) live in the service; this only bounds the raw input.
-Phone = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
-Stage = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+Phone = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64), NoControlCharacters
+]
+Stage = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64), NoControlCharacters
+]
 
 _CREATE_EXAMPLE: JsonDict = {"full_name": "Иван Иванов", "phone": "+77001112233", "stage": "NEW"}
 _UPDATE_EXAMPLE: JsonDict = {
