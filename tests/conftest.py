@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from uuid import uuid4
 
 import aio_pika
@@ -76,3 +77,12 @@ async def wipe_redis(prefix: str) -> int:
         if keys:
             await redis.delete(*keys)
     return len(keys)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], wait_s: float = 20.0) -> None:
+    """Waits until `check()` holds (state of another task or process), failing after `wait_s`."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{check} did not hold within {wait_s}s")
+        await asyncio.sleep(0.05)

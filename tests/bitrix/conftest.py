@@ -54,15 +54,6 @@ def event(
     }
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], wait_s: float = 20.0) -> None:
-    """Waits until `check()` holds (state of another task or process), failing after `wait_s`."""
-    deadline = asyncio.get_running_loop().time() + wait_s
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{check} did not hold within {wait_s}s")
-        await asyncio.sleep(0.05)
-
-
 class _NoMessageId(spec.Basic.Properties):
     """Properties that keep `message_id` unset: aiormq fills in a random one otherwise."""
 

@@ -17,10 +17,10 @@ import pytest
 
 from b24sync.portal.main import PortalServer
 from b24sync.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import eventually, free_port
 from tests.seed import SEED_CREATE
 
-from .conftest import Admin, Bus, event, eventually
+from .conftest import Admin, Bus, event
 
 B24SYNC = str(Path(sys.executable).parent / "b24sync")
 

@@ -17,8 +17,9 @@ from b24sync.bitrix.jobs import JOB_NAME, JobPayload, job_options
 from b24sync.bitrix.main import BitrixService
 from b24sync.contracts.messages import Event
 from b24sync.settings import Settings
+from tests.conftest import eventually
 
-from .conftest import Admin, Bus, ServiceFactory, event, eventually
+from .conftest import Admin, Bus, ServiceFactory, event
 
 
 async def test_update_before_create_creates_the_lead_once(

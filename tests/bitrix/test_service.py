@@ -12,15 +12,10 @@ from redis.asyncio import Redis
 
 from b24sync.bitrix.main import BitrixService
 from b24sync.settings import Settings
+from tests.conftest import eventually
 from tests.seed import SEED_CREATE, SEED_MOVE, SEED_UPDATE
 
-from .conftest import (
-    Admin,
-    Bus,
-    ServiceFactory,
-    event,
-    eventually,
-)
+from .conftest import Admin, Bus, ServiceFactory, event
 
 
 def to(reply_queue: str, body: dict[str, Any]) -> dict[str, Any]:

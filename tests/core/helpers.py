@@ -43,6 +43,12 @@ async def unpublished(sessions: Sessions) -> int:
         return int((await session.execute(query)).scalar_one())
 
 
+async def all_published(sessions: Sessions) -> bool:
+    """Every event confirmed by the broker and marked so: the relay marks a batch after its
+    confirms, so a consumer can see a message a moment before this holds."""
+    return await unpublished(sessions) == 0
+
+
 async def event_ids(sessions: Sessions) -> list[str]:
     async with sessions() as session:
         rows = await session.execute(text("SELECT id FROM outbox_events ORDER BY seq"))

@@ -8,8 +8,8 @@ import asyncio
 from redis.asyncio import Redis
 
 from b24sync.settings import Settings
-from tests.bitrix.conftest import Admin, ServiceFactory, eventually
-from tests.conftest import wipe_redis
+from tests.bitrix.conftest import Admin, ServiceFactory
+from tests.conftest import eventually, wipe_redis
 from tests.core.helpers import running_core
 
 
