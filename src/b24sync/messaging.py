@@ -4,13 +4,14 @@ and a leaner confirmed publisher for the outbox relay's hot path."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 from weakref import WeakKeyDictionary
 
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
+from faststream.rabbit import QueueType as RabbitQueueType
 
 from b24sync.logs import mask_secrets
 
@@ -18,8 +19,20 @@ CONTENT_TYPE = "application/json"
 CONNECT_TIMEOUT_S = 10.0
 
 
-def durable_queue(name: str) -> RabbitQueue:
-    return RabbitQueue(name, durable=True)
+# "quorum" for a RabbitMQ cluster: quorum queues are replicated (classic queues are not, since
+# RabbitMQ 4). Every service must declare a queue alike, or the broker refuses it.
+QueueType = Literal["classic", "quorum"]
+
+
+def queue_arguments(queue_type: QueueType) -> dict[str, Any]:
+    return {"x-queue-type": queue_type}
+
+
+def durable_queue(name: str, queue_type: QueueType) -> RabbitQueue:
+    """The queue as FastStream declares it (with the same `x-queue-type` argument)."""
+    if queue_type == "quorum":
+        return RabbitQueue(name, queue_type=RabbitQueueType.QUORUM, durable=True)
+    return RabbitQueue(name, queue_type=RabbitQueueType.CLASSIC, durable=True)
 
 
 # Queues each broker has declared already: publishing to the default exchange does not create
@@ -39,12 +52,13 @@ async def publish_json(
     queue: str,
     body: dict[str, Any] | bytes,
     *,
+    queue_type: QueueType,
     message_id: str | None = None,
     correlation_id: str | None = None,
 ) -> None:
     """Publishes a persistent JSON message to a durable queue and waits for the broker's confirm.
     `body` is a JSON object, or one already encoded (sent as it is)."""
-    target = durable_queue(queue)
+    target = durable_queue(queue, queue_type)
     declared = _declared.setdefault(broker, set())
     if queue not in declared:
         await broker.declare_queue(target)
@@ -70,8 +84,9 @@ class ConfirmedPublisher:
     or generated correlation_id).
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, queue_type: QueueType) -> None:
         self.url = url
+        self.queue_type = queue_type
         self._opening: asyncio.Task[None] | None = None
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
@@ -103,7 +118,9 @@ class ConfirmedPublisher:
         if channel is None:
             raise RuntimeError("ConfirmedPublisher.publish called before connect")
         if queue not in self._declared:
-            await channel.declare_queue(queue, durable=True)
+            await channel.declare_queue(
+                queue, durable=True, arguments=queue_arguments(self.queue_type)
+            )
             self._declared.add(queue)
         message = aio_pika.Message(
             body,

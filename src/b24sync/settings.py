@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     rabbitmq_queue: str = "bitrix_queue"
     rabbitmq_reply_queue: str = "bitrix.responses"
     rabbitmq_prefetch: int = 50
+    # "quorum" on a RabbitMQ cluster (replicated queues); every service must use the same.
+    rabbitmq_queue_type: Literal["classic", "quorum"] = "classic"
 
     # --- Bitrix service -------------------------------------------------------------------
     redis_url: str = "redis://localhost:6379"

@@ -35,6 +35,7 @@ from b24sync.contracts.messages import (
     UserPayload,
 )
 from b24sync.logs import get_logger
+from b24sync.messaging import queue_arguments
 from b24sync.settings import Settings
 
 log = get_logger(__name__)
@@ -86,7 +87,11 @@ class EventConsumer:
         assert self._connection is not None
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self._settings.rabbitmq_prefetch)
-        return await channel.declare_queue(self._settings.rabbitmq_queue, durable=True)
+        return await channel.declare_queue(
+            self._settings.rabbitmq_queue,
+            durable=True,
+            arguments=queue_arguments(self._settings.rabbitmq_queue_type),
+        )
 
     async def _consume(self, queue: AbstractQueue) -> None:
         while True:

@@ -56,7 +56,7 @@ class BitrixService:
         self._redis = Redis.from_url(settings.redis_url, decode_responses=True)
         await self._redis.ping()
         await self._broker.connect()
-        replies = ReplySender(self._broker)
+        replies = ReplySender(self._broker, settings.rabbitmq_queue_type)
 
         self._client = BitrixClient(
             webhook_url,

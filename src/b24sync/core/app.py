@@ -78,7 +78,9 @@ def create_app(settings: Settings) -> FastAPI:
         creates = grouped_creates(engine, settings.create_groups_in_flight)
         sessionmaker = create_sessionmaker(engine, info={GROUPED_CREATES: creates})
         broker = make_broker(settings.rabbitmq_url)
-        register_reply_consumer(broker, settings.rabbitmq_reply_queue, sessionmaker)
+        register_reply_consumer(
+            broker, settings.rabbitmq_reply_queue, settings.rabbitmq_queue_type, sessionmaker
+        )
         app.state.engine = engine
         app.state.sessionmaker = sessionmaker
         app.state.broker = broker

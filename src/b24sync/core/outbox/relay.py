@@ -97,7 +97,8 @@ class Relay:
         # lock turn, so on a busy event loop one channel caps the relay's throughput. The
         # events of a wave belong to different users, so they may leave by different lanes.
         self._lanes = [
-            ConfirmedPublisher(settings.rabbitmq_url) for _ in range(settings.outbox_publish_lanes)
+            ConfirmedPublisher(settings.rabbitmq_url, settings.rabbitmq_queue_type)
+            for _ in range(settings.outbox_publish_lanes)
         ]
         self._wakeup = asyncio.Event()
         # Set once the lanes are first connected; later outages are the robust connections' job.

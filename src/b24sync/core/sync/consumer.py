@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from b24sync.contracts import MalformedMessageError, parse_reply
 from b24sync.core.sync.service import Outcome, reply_service
 from b24sync.logs import get_logger
-from b24sync.messaging import durable_queue
+from b24sync.messaging import QueueType, durable_queue
 
 log = get_logger(__name__)
 
@@ -68,9 +68,14 @@ async def _raw_body(message: StreamMessage[Any]) -> bytes:
 
 
 def register_reply_consumer(
-    broker: RabbitBroker, queue: str, sessionmaker: async_sessionmaker[AsyncSession]
+    broker: RabbitBroker,
+    queue: str,
+    queue_type: QueueType,
+    sessionmaker: async_sessionmaker[AsyncSession],
 ) -> None:
-    @broker.subscriber(durable_queue(queue), ack_policy=AckPolicy.MANUAL, decoder=_raw_body)
+    @broker.subscriber(
+        durable_queue(queue, queue_type), ack_policy=AckPolicy.MANUAL, decoder=_raw_body
+    )
     async def on_reply(message: RabbitMessage) -> None:
         try:
             done = await handle_reply(message.body, sessionmaker)
