@@ -329,6 +329,8 @@ async def test_token_required_when_set(core_settings: Settings, rollback_session
         assert (await http.get("/docs")).status_code == 401
         assert (await http.get("/openapi.json")).status_code == 401
         assert (await http.get("/healthz")).status_code == 200
+        assert (await http.get("/sync")).status_code == 401
+        assert (await http.get("/metrics")).status_code == 200  # counts only, for scrapers
 
 
 async def test_openapi_has_seed_examples(client: httpx.AsyncClient) -> None:

@@ -23,6 +23,8 @@ from b24sync.core.middleware import BodySizeLimitMiddleware
 from b24sync.core.migrate import check_schema
 from b24sync.core.outbox.relay import Relay
 from b24sync.core.sync.consumer import register_reply_consumer
+from b24sync.core.sync.endpoints import metrics_router as sync_metrics_router
+from b24sync.core.sync.endpoints import router as sync_router
 from b24sync.core.users.endpoints import router as users_router
 from b24sync.core.users.repository import GROUPED_CREATES, grouped_creates
 from b24sync.logs import get_logger
@@ -110,9 +112,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.add_middleware(BodySizeLimitMiddleware)
     app.include_router(health_router)
+    app.include_router(sync_metrics_router)
     # Without CORE_API_TOKEN there is nothing to check: no dependency to run on every request.
     token_check = [Depends(require_token)] if settings.core_api_token is not None else []
     app.include_router(users_router, dependencies=token_check)
+    app.include_router(sync_router, dependencies=token_check)
     docs = APIRouter(dependencies=token_check, include_in_schema=False)
 
     @docs.get("/openapi.json")

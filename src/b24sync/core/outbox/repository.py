@@ -114,6 +114,18 @@ async def claim_batch(driver: Driver, limit: int) -> list[PendingEvent]:
     ]
 
 
+_BACKLOG = text(
+    "SELECT count(*), extract(epoch FROM now() - min(created_at))"
+    " FROM outbox_events WHERE published_at IS NULL"
+)
+
+
+async def backlog(session: AsyncSession) -> tuple[int, float | None]:
+    """Events not yet published, and the age in seconds of the oldest of them."""
+    count, age = (await session.execute(_BACKLOG)).one()
+    return int(count), float(age) if age is not None else None
+
+
 async def requeue_unanswered(driver: Driver, after_s: float, limit: int) -> int:
     """Queues again up to `limit` events that got no answer within `after_s` (times 2 per
     earlier resend); returns how many."""

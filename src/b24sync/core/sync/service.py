@@ -20,6 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from b24sync.contracts import ReplyData, ReplyStatus
 from b24sync.core.models import SyncStatus, User
+from b24sync.core.outbox import repository as outbox_repository
+from b24sync.core.sync.schemas import OutboxBacklog, SyncOverview, UserSyncCounts
 from b24sync.core.users.repository import UserRepository
 
 UNKNOWN_ERROR = "Bitrix service reported an error without a reason"
@@ -77,3 +79,20 @@ class ReplyService:
 
 
 reply_service = ReplyService()
+
+
+class SyncOverviewService:
+    async def overview(self, session: AsyncSession) -> SyncOverview:
+        by_status = await UserRepository(session).count_by_sync_status()
+        counts = {status.value: by_status.get(status.value, (0, None))[0] for status in SyncStatus}
+        unpublished, oldest_unpublished_s = await outbox_repository.backlog(session)
+        return SyncOverview(
+            users=UserSyncCounts(total=sum(counts.values()), **counts),
+            oldest_pending_s=by_status.get(SyncStatus.PENDING.value, (0, None))[1],
+            outbox=OutboxBacklog(
+                unpublished=unpublished, oldest_unpublished_s=oldest_unpublished_s
+            ),
+        )
+
+
+sync_overview_service = SyncOverviewService()

@@ -150,6 +150,20 @@ class UserRepository:
         """Records what Bitrix24 answered; never touches the user's own data or version."""
         await self.session.execute(update(User).where(User.id == user_id).values(**values))
 
+    async def count_by_sync_status(self) -> dict[str, tuple[int, float | None]]:
+        """For each sync status: how many users, and how long ago (seconds, by the database's
+        clock) the least recently changed of them changed."""
+        rows = await self.session.execute(
+            select(
+                User.sync_status,
+                func.count(),
+                func.extract("epoch", func.now() - func.min(User.updated_at)),
+            ).group_by(User.sync_status)
+        )
+        return {
+            status: (count, float(age) if age is not None else None) for status, count, age in rows
+        }
+
     async def list(
         self, *, stage: str | None, sync_status: str | None, limit: int, offset: int
     ) -> tuple[Sequence[User], int]:
