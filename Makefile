@@ -32,6 +32,7 @@ test: lint
 bench: install
 	$(BIN)/python bench/core_api.py
 	$(BIN)/python bench/outbox_latency.py
+	$(BIN)/python bench/bitrix_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
