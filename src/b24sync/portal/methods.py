@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -116,12 +117,14 @@ async def _lead_delete(portal: Portal, params: dict[str, Any]) -> MethodResult:
 
 @_method("crm.lead.list")
 async def _lead_list(portal: Portal, params: dict[str, Any]) -> MethodResult:
-    rows = apply_filter(portal.store.all(), params.get("filter"), LEADS)
+    rows = apply_filter(portal.store.scan(), params.get("filter"), LEADS)
     rows = apply_order(rows, params.get("order"), LEADS)
     page = paginate(rows, params.get("start", 0))
     select = params.get("select")
     return MethodResult(
-        [select_fields(row, select, LEADS) for row in page.rows], page.total, page.next
+        [copy.deepcopy(select_fields(row, select, LEADS)) for row in page.rows],
+        page.total,
+        page.next,
     )
 
 
@@ -165,7 +168,7 @@ async def _find_duplicates(portal: Portal, params: dict[str, Any]) -> MethodResu
     wanted = {_communication_key(kind, value) for value in values} - {""}
     lead_ids = [
         int(lead["ID"])
-        for lead in portal.store.all()
+        for lead in portal.store.scan()
         if any(_communication_key(kind, entry["VALUE"]) in wanted for entry in lead.get(kind, []))
     ]
     # Only leads live on this portal; an empty answer is `[]`, as PHP encodes an empty array.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -99,7 +100,12 @@ class LeadStore:
 
     def all(self) -> list[Lead]:
         """Every lead, ordered by ID."""
-        return [copy.deepcopy(self._leads[lead_id]) for lead_id in sorted(self._leads)]
+        return [copy.deepcopy(lead) for lead in self.scan()]
+
+    def scan(self) -> Iterator[Lead]:
+        """Every lead, ordered by ID, as stored: to read, never to change or hand out. A search
+        copies only what it answers with, not every lead it looks at."""
+        return (self._leads[lead_id] for lead_id in sorted(self._leads))
 
     # --- writes -------------------------------------------------------------------------
 
