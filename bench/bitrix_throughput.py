@@ -8,7 +8,7 @@ With `--rate-limit off` it measures the service itself. With a plan's limit (`st
 requests of burst, 2 per second) it shows the ceiling Bitrix24 sets, and that the service's
 own limiter keeps the portal from ever answering QUERY_LIMIT_EXCEEDED.
 
-    .venv/bin/python bench/bitrix_throughput.py [--events 300] [--rate-limit off]
+    .venv/bin/python bench/bitrix_throughput.py [--events 1500] [--rate-limit off]
                                                   [--concurrency 10]
 """
 
@@ -138,7 +138,7 @@ async def forget_redis(prefix: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events", type=int, default=300)
+    parser.add_argument("--events", type=int, default=1500)
     parser.add_argument("--rate-limit", choices=sorted(PLANS), default="off")
     parser.add_argument("--concurrency", type=int, default=10, help="WORKER_CONCURRENCY")
     parser.add_argument("--timeout", type=float, default=600.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 
+import uvloop
 from bullmq import Queue, Worker
 from redis.asyncio import Redis
 
@@ -185,4 +186,4 @@ async def serve(settings: Settings) -> None:
 def run(settings: Settings) -> None:
     # The webhook code is registered as a secret when the service starts.
     configure_logging(settings.log_level, settings.log_json)
-    asyncio.run(serve(settings))
+    uvloop.run(serve(settings))
