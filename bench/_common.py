@@ -29,7 +29,7 @@ DATABASE_URL = os.environ.get(
     "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/b24sync_bench"
 )
 RABBITMQ_URL = os.environ.get("BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672")
-CORE = str(Path(sys.executable).parent / "b24sync")
+B24SYNC = str(Path(sys.executable).parent / "b24sync")
 
 
 def add_core_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,7 +97,6 @@ def prepare_database() -> None:
 def core_process(port: int, queue: str, **env: str) -> Iterator[subprocess.Popen[bytes]]:
     """Runs `b24sync core` until the block ends, ready to serve."""
     environment = {
-        **os.environ,
         "DATABASE_URL": DATABASE_URL,
         "RABBITMQ_URL": RABBITMQ_URL,
         "RABBITMQ_QUEUE": queue,
@@ -106,20 +105,28 @@ def core_process(port: int, queue: str, **env: str) -> Iterator[subprocess.Popen
         "HOST": "127.0.0.1",
         **env,
     }
-    # Core's own log (at INFO, the relay's two lines per event) stays out of the results folder.
-    log = (Path(tempfile.gettempdir()) / f"b24sync-{queue}.log").open("w")
-    process = subprocess.Popen([CORE, "core"], env=environment, stdout=log, stderr=log)
-    base_url = f"http://127.0.0.1:{port}"
+    with b24sync_process(["core"], environment, f"http://127.0.0.1:{port}/readyz", queue) as core:
+        yield core
+
+
+@contextlib.contextmanager
+def b24sync_process(
+    args: list[str], env: dict[str, str], ready_url: str, log_name: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Runs `b24sync <args>` until the block ends, once `ready_url` answers 200."""
+    # The service's own log (at INFO, lines per event) stays out of the results folder.
+    log = (Path(tempfile.gettempdir()) / f"b24sync-{args[0]}-{log_name}.log").open("w")
+    process = subprocess.Popen([B24SYNC, *args], env={**os.environ, **env}, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 30
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"Core exited with {process.returncode}; see {log.name}")
+                raise RuntimeError(f"{args[0]} exited with {process.returncode}; see {log.name}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200:
+                if httpx.get(ready_url, timeout=1).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError("Core did not become ready in 30 s")
+                raise RuntimeError(f"{args[0]} did not become ready in 30 s")
             time.sleep(0.2)
         yield process
     finally:

@@ -19,13 +19,9 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -38,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import (
     RABBITMQ_URL,
+    b24sync_process,
     cpu_seconds,
     cpu_speed_ms,
     delete_queues,
@@ -46,38 +43,9 @@ from _common import (
     write_result,
 )
 
-B24SYNC = str(Path(sys.executable).parent / "b24sync")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
 # The client-side bucket for the portal's plan (burst, per second), as the README advises.
 PLANS = {"standard": (45, 2.0), "enterprise": (240, 5.0), "off": (100_000, 100_000.0)}
-
-
-@contextlib.contextmanager
-def service(
-    args: list[str], env: dict[str, str], ready_url: str
-) -> Iterator[subprocess.Popen[bytes]]:
-    """Runs a `b24sync` command until the block ends, once `ready_url` answers 200."""
-    log = (Path(tempfile.gettempdir()) / f"b24sync-bench-{args[0]}.log").open("w")
-    process = subprocess.Popen([B24SYNC, *args], env={**os.environ, **env}, stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{args[0]} exited with {process.returncode}; see {log.name}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(ready_url, timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{args[0]} did not become ready in 30 s")
-            time.sleep(0.2)
-        yield process
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 def event(user_id: int, reply_queue: str) -> bytes:
@@ -169,8 +137,15 @@ def main() -> None:
     portal_url = f"http://127.0.0.1:{portal_port}"
     try:
         with (
-            service(["portal", "--rate-limit", args.rate_limit], env, f"{portal_url}/admin/stats"),
-            service(["bitrix"], env, f"http://127.0.0.1:{health_port}/readyz") as bitrix,
+            b24sync_process(
+                ["portal", "--rate-limit", args.rate_limit],
+                env,
+                f"{portal_url}/admin/stats",
+                prefix,
+            ),
+            b24sync_process(
+                ["bitrix"], env, f"http://127.0.0.1:{health_port}/readyz", prefix
+            ) as bitrix,
         ):
             cpu_before = cpu_seconds(bitrix)
             measured = asyncio.run(run(queue, reply_queue, args.events, args.timeout))
