@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from redis.asyncio import Redis
 
 from b24sync.bitrix.client import BitrixClient, BitrixError
+from b24sync.bitrix.ratelimit import RateLimiter
 from b24sync.portal.main import PortalServer
 from b24sync.settings import Settings
 from tests.conftest import free_port
@@ -15,14 +18,19 @@ from .conftest import Admin
 
 
 def make_client(
-    webhook_url: str, *, timeout_s: float = 5.0, max_limit_waits: int = 3
+    webhook_url: str,
+    *,
+    timeout_s: float = 5.0,
+    max_limit_waits: int = 3,
+    limiter: RateLimiter | None = None,
+    operation_limit_wait_s: float = 0.05,
 ) -> BitrixClient:
     return BitrixClient(
         webhook_url,
-        limiter=None,
+        limiter=limiter,
         timeout_s=timeout_s,
         limit_wait_s=0.02,
-        operation_limit_wait_s=0.05,
+        operation_limit_wait_s=operation_limit_wait_s,
         max_limit_waits=max_limit_waits,
     )
 
@@ -114,6 +122,46 @@ async def test_rate_limit_waits_are_bounded(
     assert caught.value.rate_limited
     assert caught.value.transient
     assert (await admin.stats())["by_method"]["crm.lead.list"] == {"QUERY_LIMIT_EXCEEDED": 3}
+
+
+async def test_a_blocked_method_waits_in_every_worker_sharing_the_limiter(
+    portal: PortalServer, fast_settings: Settings, admin: Admin, redis_client: Redis
+) -> None:
+    await admin.script(
+        method="crm.lead.list",
+        times=1,
+        kind="error",
+        status=429,
+        error="OPERATION_TIME_LIMIT",
+        description="Method is blocked due to operation time limit.",
+    )
+    key = f"{fast_settings.bullmq_prefix}:ratelimit"
+    workers = [
+        make_client(
+            fast_settings.portal_webhook_url,
+            limiter=RateLimiter(redis_client, key, burst=50, rate_per_s=50),
+            max_limit_waits=0,
+            operation_limit_wait_s=1.0,
+        )
+        for _ in range(2)
+    ]
+    try:
+        with pytest.raises(BitrixError) as told:
+            await workers[0].call("crm.lead.list", {})
+        assert told.value.http_status == 429
+        # The other worker does not ask the portal to hear the same: it is blocked at home.
+        with pytest.raises(BitrixError) as blocked:
+            await workers[1].call("crm.lead.list", {})
+        assert (blocked.value.code, blocked.value.http_status) == ("OPERATION_TIME_LIMIT", None)
+        assert 0 < (blocked.value.retry_after_s or 0) <= 1.0
+        assert (await admin.stats())["by_method"]["crm.lead.list"] == {"OPERATION_TIME_LIMIT": 1}
+        assert await workers[1].call("crm.lead.add", {"fields": {}}) > 0  # other methods run
+
+        await asyncio.sleep(blocked.value.retry_after_s or 0)
+        assert await workers[1].call("crm.lead.list", {}) != []
+    finally:
+        for worker in workers:
+            await worker.aclose()
 
 
 async def test_a_timeout_is_transient_and_the_write_may_have_happened(

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from b24sync.bitrix.ratelimit import RateLimiter
+from b24sync.bitrix.ratelimit import MethodBlockedError, RateLimiter
 from b24sync.settings import Settings
 
 
@@ -43,3 +43,21 @@ async def test_fill_blocks_until_drained(settings: Settings, redis_client: Redis
     assert await limiter.try_acquire() > 0
     with pytest.raises(ValueError, match="cost"):
         await limiter.try_acquire(6)
+
+
+async def test_a_blocked_method_takes_nothing_until_the_block_ends(
+    settings: Settings, redis_client: Redis
+) -> None:
+    key = f"{settings.bullmq_prefix}:rl"
+    first = RateLimiter(redis_client, key, burst=1, rate_per_s=1)
+    second = RateLimiter(redis_client, key, burst=1, rate_per_s=1)
+    await first.block("crm.lead.list", 0.2)
+
+    with pytest.raises(MethodBlockedError) as blocked:
+        await second.acquire(method="crm.lead.list")
+    assert 0 < blocked.value.retry_after_s <= 0.2
+    # Blocked calls took no slot: the bucket's only one is still there for another method.
+    assert await second.try_acquire(method="crm.lead.add") == 0
+
+    await asyncio.sleep(0.25)
+    assert await first.try_acquire(method="crm.lead.list") > 0  # the bucket's turn now

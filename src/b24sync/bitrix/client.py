@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from b24sync.bitrix import metrics
-from b24sync.bitrix.ratelimit import RateLimiter
+from b24sync.bitrix.ratelimit import MethodBlockedError, RateLimiter
 from b24sync.logs import get_logger
 
 log = get_logger(__name__)
@@ -141,16 +141,22 @@ class BitrixClient:
             try:
                 return await self._request_once(method, params or {})
             except BitrixError as err:
-                if not err.rate_limited or waits >= self._max_limit_waits:
+                if not err.rate_limited:
                     raise
                 delay_s = min(self._limit_delay_s(err, waits), self._max_limit_wait_s)
+                if self._limiter is not None and err.http_status is not None:
+                    # The portal said so: every worker sharing the limiter slows down too.
+                    if err.code == QUERY_LIMIT_EXCEEDED:
+                        await self._limiter.fill()
+                    else:
+                        await self._limiter.block(method, delay_s)
+                if waits >= self._max_limit_waits:
+                    raise
                 waits += 1
                 log.warning(
                     f"[Bitrix] {method} hit the Bitrix24 limit ({err.code}), "
                     f"waiting {delay_s:.1f}s ({waits}/{self._max_limit_waits})"
                 )
-                if err.code == QUERY_LIMIT_EXCEEDED and self._limiter is not None:
-                    await self._limiter.fill()
                 await asyncio.sleep(delay_s)
 
     def _limit_delay_s(self, err: BitrixError, waits: int) -> float:
@@ -163,7 +169,17 @@ class BitrixClient:
 
     async def _request_once(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         if self._limiter is not None:
-            await self._limiter.acquire()
+            try:
+                await self._limiter.acquire(method=method)
+            except MethodBlockedError as blocked:
+                raise BitrixError(
+                    method,
+                    OPERATION_TIME_LIMIT,
+                    "Method is blocked due to operation time limit (as another worker was told)",
+                    http_status=None,
+                    transient=True,
+                    retry_after_s=blocked.retry_after_s,
+                ) from None
         started = time.monotonic()
         code = "OK"
         try:

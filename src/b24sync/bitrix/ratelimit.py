@@ -4,6 +4,10 @@ Bitrix24 counts requests per portal and source IP: each request adds one to a co
 at `rate_per_s`; above `burst` the portal answers 503 QUERY_LIMIT_EXCEEDED. Keeping our own count
 in one Redis key makes all workers on this host slow down together instead of each of them hitting
 the portal's limit. A `batch` of up to 50 commands counts as one request, so it acquires cost 1.
+
+Bitrix24 also blocks a method for a while once its operating time runs out (429
+OPERATION_TIME_LIMIT). A worker told so marks the method blocked here, so the others wait too
+instead of each spending a request to hear the same.
 """
 
 from __future__ import annotations
@@ -14,10 +18,15 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-# KEYS[1] the bucket hash {level, ts}; ARGV: burst, rate per second, cost.
-# Returns 0 when the cost was taken, otherwise the milliseconds to wait before trying again.
-# Time comes from the Redis server so that clocks of the callers do not matter.
+# KEYS[1] the bucket hash {level, ts}, KEYS[2] the method's block; ARGV: burst, rate per
+# second, cost. Returns 0 when the cost was taken, otherwise the milliseconds to wait before
+# trying again: negative while the method is blocked (nothing taken). Time comes from the Redis
+# server so that clocks of the callers do not matter.
 _ACQUIRE = """
+local blocked = redis.call('PTTL', KEYS[2])
+if blocked > 0 then
+  return -blocked
+end
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
 local burst = tonumber(ARGV[1])
@@ -46,6 +55,14 @@ return 0
 """
 
 
+class MethodBlockedError(Exception):
+    """Bitrix24 blocked the method (operating time), as another worker was told."""
+
+    def __init__(self, method: str, retry_after_s: float) -> None:
+        super().__init__(f"{method} is blocked for {retry_after_s:.1f}s more")
+        self.retry_after_s = retry_after_s
+
+
 class RateLimiter:
     def __init__(self, redis: Redis, key: str, *, burst: int, rate_per_s: float) -> None:
         if burst < 1 or rate_per_s <= 0:
@@ -57,20 +74,33 @@ class RateLimiter:
         self._acquire_script: Any = redis.register_script(_ACQUIRE)
         self._fill_script: Any = redis.register_script(_FILL)
 
-    async def try_acquire(self, cost: int = 1) -> float:
-        """Takes `cost` slots if free and returns 0, else returns the seconds to wait."""
+    async def try_acquire(self, cost: int = 1, *, method: str = "") -> float:
+        """Takes `cost` slots if free and returns 0, else returns the seconds to wait.
+        Raises `MethodBlockedError` while `method` is blocked."""
         if not 1 <= cost <= self._burst:
             raise ValueError(f"cost must be between 1 and {self._burst}")
-        wait_ms = await self._acquire_script(
-            keys=[self._key], args=[self._burst, self._rate_per_s, cost]
+        wait_ms = int(
+            await self._acquire_script(
+                keys=[self._key, self._block_key(method)],
+                args=[self._burst, self._rate_per_s, cost],
+            )
         )
-        return int(wait_ms) / 1000
+        if wait_ms < 0:
+            raise MethodBlockedError(method, -wait_ms / 1000)
+        return wait_ms / 1000
 
-    async def acquire(self, cost: int = 1) -> None:
-        """Waits until `cost` slots are free and takes them."""
-        while (wait_s := await self.try_acquire(cost)) > 0:  # noqa: ASYNC110 - polling Redis
+    async def acquire(self, cost: int = 1, *, method: str = "") -> None:
+        """Waits until `cost` slots are free and takes them (see `try_acquire`)."""
+        while (wait_s := await self.try_acquire(cost, method=method)) > 0:  # noqa: ASYNC110
             # Jitter spreads out workers that were told the same wait.
             await asyncio.sleep(wait_s + random.uniform(0, 0.05))
 
     async def fill(self) -> None:
         await self._fill_script(keys=[self._key], args=[self._burst, self._rate_per_s])
+
+    async def block(self, method: str, for_s: float) -> None:
+        """Marks `method` blocked for every limiter on this key, for `for_s` seconds."""
+        await self._redis.set(self._block_key(method), "1", px=max(1, round(for_s * 1000)))
+
+    def _block_key(self, method: str) -> str:
+        return f"{self._key}:blocked:{method}"
