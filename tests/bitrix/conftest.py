@@ -32,6 +32,13 @@ FAST: dict[str, Any] = {
 }
 
 
+# Bitrix24's answers when a limit is hit: the request bucket, a method's operating time.
+LIMIT_ANSWERS = {
+    "QUERY_LIMIT_EXCEEDED": (503, "Too many requests"),
+    "OPERATION_TIME_LIMIT": (429, "Method is blocked due to operation time limit."),
+}
+
+
 def event(
     action: str, user_id: int, *, reply_queue: str, version: int | None = None, **user: Any
 ) -> dict[str, Any]:
@@ -142,6 +149,18 @@ class Admin:
     async def script(self, **entry: Any) -> None:
         response = await self.http.post("/admin/faults/script", json=entry)
         response.raise_for_status()
+
+    async def limit(self, method: str, code: str, times: int = 1) -> None:
+        """The next `times` calls of `method` answer with one of Bitrix24's limits, as it does."""
+        status, description = LIMIT_ANSWERS[code]
+        await self.script(
+            method=method,
+            times=times,
+            kind="error",
+            status=status,
+            error=code,
+            description=description,
+        )
 
     async def rest(self, method: str, params: dict[str, Any]) -> Any:
         """A REST call as someone else working in the portal would make it."""

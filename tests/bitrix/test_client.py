@@ -83,22 +83,8 @@ async def test_html_error_pages_are_transient(client: BitrixClient, admin: Admin
 
 
 async def test_rate_limit_answers_are_waited_out(client: BitrixClient, admin: Admin) -> None:
-    await admin.script(
-        method="crm.lead.list",
-        times=2,
-        kind="error",
-        status=503,
-        error="QUERY_LIMIT_EXCEEDED",
-        description="Too many requests",
-    )
-    await admin.script(
-        method="crm.lead.list",
-        times=1,
-        kind="error",
-        status=429,
-        error="OPERATION_TIME_LIMIT",
-        description="Method is blocked due to operation time limit.",
-    )
+    await admin.limit("crm.lead.list", "QUERY_LIMIT_EXCEEDED", times=2)
+    await admin.limit("crm.lead.list", "OPERATION_TIME_LIMIT")
     assert await client.call("crm.lead.list", {}) == []
     outcomes = (await admin.stats())["by_method"]["crm.lead.list"]
     assert outcomes == {"QUERY_LIMIT_EXCEEDED": 2, "OPERATION_TIME_LIMIT": 1, "ok": 1}
@@ -107,14 +93,7 @@ async def test_rate_limit_answers_are_waited_out(client: BitrixClient, admin: Ad
 async def test_rate_limit_waits_are_bounded(
     portal: PortalServer, fast_settings: Settings, admin: Admin
 ) -> None:
-    await admin.script(
-        method="crm.lead.list",
-        times=5,
-        kind="error",
-        status=503,
-        error="QUERY_LIMIT_EXCEEDED",
-        description="Too many requests",
-    )
+    await admin.limit("crm.lead.list", "QUERY_LIMIT_EXCEEDED", times=5)
     client = make_client(fast_settings.portal_webhook_url, max_limit_waits=2)
     with pytest.raises(BitrixError) as caught:
         await client.call("crm.lead.list", {})
@@ -127,14 +106,7 @@ async def test_rate_limit_waits_are_bounded(
 async def test_a_blocked_method_waits_in_every_worker_sharing_the_limiter(
     portal: PortalServer, fast_settings: Settings, admin: Admin, redis_client: Redis
 ) -> None:
-    await admin.script(
-        method="crm.lead.list",
-        times=1,
-        kind="error",
-        status=429,
-        error="OPERATION_TIME_LIMIT",
-        description="Method is blocked due to operation time limit.",
-    )
+    await admin.limit("crm.lead.list", "OPERATION_TIME_LIMIT")
     key = f"{fast_settings.bullmq_prefix}:ratelimit"
     workers = [
         make_client(

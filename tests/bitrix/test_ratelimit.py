@@ -11,12 +11,21 @@ from b24sync.bitrix.ratelimit import MethodBlockedError, RateLimiter
 from b24sync.settings import Settings
 
 
+def two_workers(
+    settings: Settings, redis: Redis, *, burst: int, rate_per_s: float
+) -> tuple[RateLimiter, RateLimiter]:
+    """The limiters two workers would have: one bucket in Redis."""
+    key = f"{settings.bullmq_prefix}:ratelimit"
+    return (
+        RateLimiter(redis, key, burst=burst, rate_per_s=rate_per_s),
+        RateLimiter(redis, key, burst=burst, rate_per_s=rate_per_s),
+    )
+
+
 async def test_burst_then_drain_shared_between_limiters(
     settings: Settings, redis_client: Redis
 ) -> None:
-    key = f"{settings.bullmq_prefix}:ratelimit"
-    first = RateLimiter(redis_client, key, burst=3, rate_per_s=10)
-    second = RateLimiter(redis_client, key, burst=3, rate_per_s=10)
+    first, second = two_workers(settings, redis_client, burst=3, rate_per_s=10)
 
     assert [await first.try_acquire() for _ in range(2)] == [0, 0]
     assert await second.try_acquire() == 0
@@ -48,9 +57,7 @@ async def test_fill_blocks_until_drained(settings: Settings, redis_client: Redis
 async def test_a_blocked_method_takes_nothing_until_the_block_ends(
     settings: Settings, redis_client: Redis
 ) -> None:
-    key = f"{settings.bullmq_prefix}:rl"
-    first = RateLimiter(redis_client, key, burst=1, rate_per_s=1)
-    second = RateLimiter(redis_client, key, burst=1, rate_per_s=1)
+    first, second = two_workers(settings, redis_client, burst=1, rate_per_s=1)
     await first.block("crm.lead.list", 0.2)
 
     with pytest.raises(MethodBlockedError) as blocked:

@@ -260,11 +260,8 @@ async def test_the_error_reply_comes_after_the_last_attempt(
 async def test_rate_limit_answers_do_not_use_up_attempts(
     service: BitrixService, bus: Bus, admin: Admin, settings: Settings
 ) -> None:
-    for method, status, code in (
-        ("crm.lead.list", 503, "QUERY_LIMIT_EXCEEDED"),
-        ("crm.lead.add", 429, "OPERATION_TIME_LIMIT"),
-    ):
-        await admin.script(method=method, times=3, kind="error", status=status, error=code)
+    await admin.limit("crm.lead.list", "QUERY_LIMIT_EXCEEDED", times=3)
+    await admin.limit("crm.lead.add", "OPERATION_TIME_LIMIT", times=3)
     await bus.publish(event("create_card", 63, reply_queue=settings.rabbitmq_reply_queue))
     reply = (await bus.reply())["data"]
     assert (reply["status"], reply["attempts"]) == ("success", 1)
