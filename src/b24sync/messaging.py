@@ -61,17 +61,23 @@ async def publish_json(
     target = durable_queue(queue, queue_type)
     declared = _declared.setdefault(broker, set())
     if queue not in declared:
-        await broker.declare_queue(target)
+        # FastStream remembers a queue once declared; declaring the one it returns sends the
+        # declaration again, for a queue deleted since.
+        await (await broker.declare_queue(target)).declare()
         declared.add(queue)
-    await broker.publish(
-        body,
-        queue=target,
-        persist=True,
-        mandatory=True,
-        content_type=CONTENT_TYPE,
-        message_id=message_id,
-        correlation_id=correlation_id,
-    )
+    try:
+        await broker.publish(
+            body,
+            queue=target,
+            persist=True,
+            mandatory=True,
+            content_type=CONTENT_TYPE,
+            message_id=message_id,
+            correlation_id=correlation_id,
+        )
+    except Exception:
+        declared.discard(queue)  # see ConfirmedPublisher.publish
+        raise
 
 
 class ConfirmedPublisher:
@@ -129,7 +135,13 @@ class ConfirmedPublisher:
             message_id=message_id,
             correlation_id=correlation_id,
         )
-        await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+        try:
+            await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+        except Exception:
+            # Returned as unroutable, say: the queue was deleted under a live connection (a
+            # reconnect would declare it again by itself). The next attempt declares it.
+            self._declared.discard(queue)
+            raise
 
     async def close(self) -> None:
         if self._opening is not None:
