@@ -167,6 +167,9 @@ def test_seed_requests_through_the_whole_system(system: RunningSystem) -> None:
     )
     assert synced["sync"]["synced_version"] == synced["version"] == 3
     assert synced["bitrix_lead_id"] == lead["ID"] or str(synced["bitrix_lead_id"]) == lead["ID"]
+    overview = core.get("/sync").json()
+    assert overview["users"] == {"total": 1, "pending": 0, "synced": 1, "failed": 0}
+    assert overview["outbox"] == {"unpublished": 0, "oldest_unpublished_s": None}
 
     children = system.child_pids()
     assert set(children) == {"portal", "core", "bitrix"}
