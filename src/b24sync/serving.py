@@ -65,10 +65,15 @@ class EmbeddedServer:
             self._task = None
 
 
-def readiness_response(checks: Mapping[str, object], ready: bool) -> JSONResponse:
-    """Every service's `/readyz` answer: 200 when ready, 503 otherwise, with each check."""
+def readiness_response(checks: Mapping[str, bool]) -> JSONResponse:
+    """Every service's `/readyz` answer: 200 when every dependency is reachable, 503 otherwise,
+    with each one's state ("ok" or "unreachable")."""
+    ready = all(checks.values())
     return JSONResponse(
-        {"status": "ready" if ready else "not ready", "checks": dict(checks)},
+        {
+            "status": "ready" if ready else "not ready",
+            "checks": {name: "ok" if ok else "unreachable" for name, ok in checks.items()},
+        },
         status_code=200 if ready else 503,
     )
 

@@ -124,7 +124,7 @@ async def test_health_ready_and_metrics(
         assert (await http.get("/healthz")).json() == {"status": "ok"}
         ready = await http.get("/readyz")
         assert ready.status_code == 200
-        assert ready.json()["checks"] == {"rabbitmq": True, "redis": True}
+        assert ready.json()["checks"] == {"rabbitmq": "ok", "redis": "ok"}
         metrics = (await http.get("/metrics")).text
     assert 'b24sync_bitrix_jobs_total{outcome="success"}' in metrics
     assert 'b24sync_bitrix_api_calls_total{code="OK",method="crm.lead.add"}' in metrics

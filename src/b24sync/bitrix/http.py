@@ -23,7 +23,7 @@ def create_app(readiness: ReadinessCheck) -> FastAPI:
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         checks = await readiness()
-        return readiness_response(checks, ready=all(checks.values()))
+        return readiness_response(checks)
 
     @app.get("/metrics")
     async def metrics() -> Response:

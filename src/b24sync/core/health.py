@@ -44,8 +44,4 @@ async def readyz(request: Request) -> JSONResponse:
         rabbitmq = await request.app.state.broker.ping(timeout=CHECK_TIMEOUT_S)
     except Exception:
         rabbitmq = False
-    checks = {
-        "postgresql": "ok" if database else "unreachable",
-        "rabbitmq": "ok" if rabbitmq else "unreachable",
-    }
-    return readiness_response(checks, ready=database and rabbitmq)
+    return readiness_response({"postgresql": database, "rabbitmq": bool(rabbitmq)})
