@@ -9,7 +9,7 @@ requests of burst, 2 per second) it shows the ceiling Bitrix24 sets, and that th
 own limiter keeps the portal from ever answering QUERY_LIMIT_EXCEEDED.
 
     .venv/bin/python bench/bitrix_throughput.py [--events 1500] [--rate-limit off]
-                                                  [--concurrency 10]
+                                                  [--concurrency 10] [--batch-size 1]
 """
 
 from __future__ import annotations
@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1500)
     parser.add_argument("--rate-limit", choices=sorted(PLANS), default="off")
     parser.add_argument("--concurrency", type=int, default=10, help="WORKER_CONCURRENCY")
+    parser.add_argument("--batch-size", type=int, default=1, help="BITRIX_BATCH_SIZE")
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args()
 
@@ -130,6 +131,7 @@ def main() -> None:
         "BITRIX_HTTP_PORT": str(health_port),
         "HOST": "127.0.0.1",
         "WORKER_CONCURRENCY": str(args.concurrency),
+        "BITRIX_BATCH_SIZE": str(args.batch_size),
         "BITRIX_RATE_BURST": str(burst),
         "BITRIX_RATE_PER_S": str(per_s),
     }
@@ -168,6 +170,7 @@ def main() -> None:
         "replies": measured["statuses"],
         "rate_limit": args.rate_limit,
         "worker_concurrency": args.concurrency,
+        "batch_size": args.batch_size,
         "seconds": round(measured["elapsed_s"], 2),
         "events_per_s": round(answered / measured["elapsed_s"], 1) if answered else 0,
         "latency_s": {
@@ -183,7 +186,8 @@ def main() -> None:
         "bitrix_cpu_ms_per_event": round(cpu / answered * 1000, 3) if answered else None,
         "cpu_speed_check_ms": [speed_before, cpu_speed_ms()],
     }
-    write_result(f"bitrix_throughput_{args.rate_limit}", result)
+    batched = f"_batch{args.batch_size}" if args.batch_size > 1 else ""
+    write_result(f"bitrix_throughput_{args.rate_limit}{batched}", result)
 
 
 if __name__ == "__main__":

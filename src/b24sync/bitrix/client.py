@@ -16,7 +16,7 @@ import os
 import re
 import socket
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -97,6 +97,16 @@ def is_transient(code: str, http_status: int) -> bool:
     if code in PERMANENT_CODES:
         return False
     return http_status >= 500
+
+
+class BitrixCalls(Protocol):
+    """What a job needs of Bitrix24: `BitrixClient`, or `batch.BatchingClient` over one."""
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any: ...
+
+    async def request(
+        self, method: str, params: dict[str, Any] | None = None
+    ) -> dict[str, Any]: ...
 
 
 class BitrixClient:

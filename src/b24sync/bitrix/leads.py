@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from b24sync.bitrix.client import BitrixClient, BitrixError
+from b24sync.bitrix.client import BitrixCalls, BitrixError
 from b24sync.contracts.messages import Action, UserPayload
 from b24sync.logs import get_logger
 from b24sync.settings import Settings
@@ -69,7 +69,7 @@ def phone_entries(
 
 
 class Leads:
-    def __init__(self, client: BitrixClient, settings: Settings) -> None:
+    def __init__(self, client: BitrixCalls, settings: Settings) -> None:
         self._client = client
         self._originator_id = settings.originator_id
         self._stage_map = settings.stage_map

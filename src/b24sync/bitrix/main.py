@@ -13,6 +13,7 @@ import uvloop
 from bullmq import Queue, Worker
 from redis.asyncio import Redis
 
+from b24sync.bitrix.batch import BatchingClient
 from b24sync.bitrix.client import BitrixClient
 from b24sync.bitrix.consumer import EventConsumer
 from b24sync.bitrix.http import create_app
@@ -87,7 +88,12 @@ class BitrixService:
         )
         handler = JobHandler(
             settings,
-            leads=Leads(self._client, settings),
+            leads=Leads(
+                BatchingClient(self._client, max_commands=settings.bitrix_batch_size)
+                if settings.bitrix_batch_size > 1
+                else self._client,
+                settings,
+            ),
             store=UserStateStore(self._redis, self.key_prefix),
             locks=locks,
             replies=replies,
