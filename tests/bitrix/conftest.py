@@ -14,7 +14,9 @@ import pytest
 from pamqp import commands as spec
 from redis.asyncio import Redis
 
+from b24sync.bitrix.client import BitrixClient
 from b24sync.bitrix.main import BitrixService
+from b24sync.bitrix.ratelimit import RateLimiter
 from b24sync.portal.main import PortalServer
 from b24sync.settings import Settings
 from tests.conftest import free_port
@@ -167,6 +169,24 @@ class Admin:
         response = await self.http.post(f"{self.webhook_url}/{method}", json=params)
         response.raise_for_status()
         return response.json()["result"]
+
+
+def make_client(
+    webhook_url: str,
+    *,
+    timeout_s: float = 5.0,
+    max_limit_waits: int = 3,
+    limiter: RateLimiter | None = None,
+    operation_limit_wait_s: float = 0.05,
+) -> BitrixClient:
+    return BitrixClient(
+        webhook_url,
+        limiter=limiter,
+        timeout_s=timeout_s,
+        limit_wait_s=0.02,
+        operation_limit_wait_s=operation_limit_wait_s,
+        max_limit_waits=max_limit_waits,
+    )
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 import pytest
 
 from b24sync.bitrix.batch import BatchingClient, query_string
-from b24sync.bitrix.client import BitrixClient, BitrixError
+from b24sync.bitrix.client import BitrixError
 from b24sync.portal.main import PortalServer
 from b24sync.portal.params import parse_query
 from b24sync.settings import Settings
 
-from .conftest import Admin, Bus, ServiceFactory, event
+from .conftest import Admin, Bus, ServiceFactory, event, make_client
 
 
 def test_query_string_is_what_the_portal_reads_back() -> None:
@@ -39,14 +39,7 @@ def test_query_string_is_what_the_portal_reads_back() -> None:
 
 @pytest.fixture
 async def batching(portal: PortalServer, fast_settings: Settings) -> AsyncIterator[BatchingClient]:
-    client = BitrixClient(
-        fast_settings.portal_webhook_url,
-        limiter=None,
-        timeout_s=5,
-        limit_wait_s=0.02,
-        operation_limit_wait_s=0.05,
-        max_limit_waits=3,
-    )
+    client = make_client(fast_settings.portal_webhook_url)
     yield BatchingClient(client, max_commands=50)
     await client.aclose()
 

@@ -14,25 +14,7 @@ from b24sync.portal.main import PortalServer
 from b24sync.settings import Settings
 from tests.conftest import free_port
 
-from .conftest import Admin
-
-
-def make_client(
-    webhook_url: str,
-    *,
-    timeout_s: float = 5.0,
-    max_limit_waits: int = 3,
-    limiter: RateLimiter | None = None,
-    operation_limit_wait_s: float = 0.05,
-) -> BitrixClient:
-    return BitrixClient(
-        webhook_url,
-        limiter=limiter,
-        timeout_s=timeout_s,
-        limit_wait_s=0.02,
-        operation_limit_wait_s=operation_limit_wait_s,
-        max_limit_waits=max_limit_waits,
-    )
+from .conftest import Admin, make_client
 
 
 @pytest.fixture

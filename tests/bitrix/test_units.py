@@ -6,13 +6,15 @@ import json
 
 import pytest
 
-from b24sync.bitrix.client import BitrixClient, BitrixError, is_transient
+from b24sync.bitrix.client import BitrixError, is_transient
 from b24sync.bitrix.consumer import RejectedEvent, check, parse, reply_target
 from b24sync.bitrix.jobs import describe_failure, retry_delay_ms
 from b24sync.bitrix.leads import Leads, phone_entries, split_name
 from b24sync.contracts.messages import Action, UserPayload
 from b24sync.settings import Settings
 from tests.seed import SEED_CREATE, SEED_MOVE, SEED_UPDATE
+
+from .conftest import make_client
 
 
 def test_split_name() -> None:
@@ -39,14 +41,7 @@ async def test_lead_fields_follow_the_settings(settings: Settings) -> None:
     custom = settings.model_copy(
         update={"stage_map": {"CONVERTED": "WON"}, "originator_id": "crm-x"}
     )
-    client = BitrixClient(
-        custom.portal_webhook_url,
-        limiter=None,
-        timeout_s=1,
-        limit_wait_s=0.1,
-        operation_limit_wait_s=0.1,
-        max_limit_waits=1,
-    )
+    client = make_client(custom.portal_webhook_url)
     leads = Leads(client, custom)
     user = UserPayload(id=7, full_name="Иван Петров", phone="+77001112233", stage="CONVERTED")
     assert leads.fields(user) == {

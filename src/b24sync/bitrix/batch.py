@@ -15,12 +15,10 @@ from typing import Any
 from urllib.parse import urlencode
 
 from b24sync.batching import Coalescer
-from b24sync.bitrix.client import BitrixClient, BitrixError, is_transient
+from b24sync.bitrix.client import BitrixClient, BitrixError
 
 # Bitrix24's limit of commands in one batch.
 MAX_BATCH_COMMANDS = 50
-# A command's error inside a batch comes without an HTTP status of its own.
-_COMMAND_ERROR_STATUS = 400
 
 Call = tuple[str, dict[str, Any]]
 
@@ -107,14 +105,7 @@ def _command_outcome(answer: Any, key: str, method: str) -> dict[str, Any] | Bit
     results, errors = _section(answer, "result"), _section(answer, "result_error")
     if key in errors:
         error = errors[key] if isinstance(errors[key], dict) else {}
-        code = str(error.get("error") or "")
-        return BitrixError(
-            method,
-            code,
-            str(error.get("error_description") or "no description"),
-            http_status=None,
-            transient=is_transient(code, _COMMAND_ERROR_STATUS),
-        )
+        return BitrixError.from_answer(method, error, http_status=None)
     if key not in results:
         return BitrixError(
             method,

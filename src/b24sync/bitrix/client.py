@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import httpx
@@ -80,6 +81,27 @@ class BitrixError(Exception):
     def __str__(self) -> str:
         code = f"{self.code}: " if self.code else ""
         return f"{self.method}: {code}{self.description}"
+
+    @classmethod
+    def from_answer(
+        cls,
+        method: str,
+        answer: Mapping[str, Any],
+        *,
+        http_status: int | None,
+        retry_after_s: float | None = None,
+    ) -> BitrixError:
+        """The error Bitrix24 described (`error`, `error_description`); a command's error
+        inside a batch has no status of its own and is classified as a 400."""
+        code = str(answer.get("error") or "")
+        return cls(
+            method,
+            code,
+            str(answer.get("error_description") or "no description"),
+            http_status=http_status,
+            transient=is_transient(code, http_status or 400),
+            retry_after_s=retry_after_s,
+        )
 
     @property
     def rate_limited(self) -> bool:
@@ -245,15 +267,12 @@ class BitrixClient:
                 transient=True,
             )
         if "error" in body:
-            code = str(body.get("error") or "")
-            raise BitrixError(
+            raise BitrixError.from_answer(
                 method,
-                code,
-                str(body.get("error_description") or "no description"),
+                body,
                 http_status=status,
-                transient=is_transient(code, status),
                 retry_after_s=self._operation_reset_in_s(method)
-                if code == OPERATION_TIME_LIMIT
+                if body.get("error") == OPERATION_TIME_LIMIT
                 else None,
             )
         if status != 200 or "result" not in body:
