@@ -9,7 +9,7 @@ requests of burst, 2 per second) it shows the ceiling Bitrix24 sets, and that th
 own limiter keeps the portal from ever answering QUERY_LIMIT_EXCEEDED.
 
     .venv/bin/python bench/bitrix_throughput.py [--events 1500] [--rate-limit off]
-                                                  [--concurrency 10] [--batch-size 1]
+                                                  [--concurrency 10] [--batch-size 50]
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1500)
     parser.add_argument("--rate-limit", choices=sorted(PLANS), default="off")
     parser.add_argument("--concurrency", type=int, default=10, help="WORKER_CONCURRENCY")
-    parser.add_argument("--batch-size", type=int, default=1, help="BITRIX_BATCH_SIZE")
+    parser.add_argument("--batch-size", type=int, default=50, help="BITRIX_BATCH_SIZE")
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args()
 
@@ -186,8 +186,8 @@ def main() -> None:
         "bitrix_cpu_ms_per_event": round(cpu / answered * 1000, 3) if answered else None,
         "cpu_speed_check_ms": [speed_before, cpu_speed_ms()],
     }
-    batched = f"_batch{args.batch_size}" if args.batch_size > 1 else ""
-    write_result(f"bitrix_throughput_{args.rate_limit}{batched}", result)
+    name = f"bitrix_throughput_{args.rate_limit}_b{args.batch_size}_w{args.concurrency}"
+    write_result(name, result)
 
 
 if __name__ == "__main__":

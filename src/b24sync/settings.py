@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     bitrix_rate_per_s: float = 2.0
     # Calls of concurrent jobs sent together as one `batch` request (one request against the
     # limit), up to this many commands (50 at most); 1 sends every call alone.
-    bitrix_batch_size: int = 1
+    bitrix_batch_size: int = 50
     shutdown_timeout_s: float = 25.0
     # Waits inside one attempt when Bitrix24 answers with a rate limit: QUERY_LIMIT_EXCEEDED
     # waits bitrix_limit_wait_s x 1.5^n, OPERATION_TIME_LIMIT until the method's

@@ -136,3 +136,32 @@ async def test_the_service_with_batches_makes_one_lead_per_user(
     assert commands == 60  # a lookup and an add per user
     assert stats["by_method"]["batch"]["ok"] > 0
     assert stats["total"] < commands  # requests the portal saw, a batch counted once
+
+
+async def test_a_command_blocked_inside_a_batch_waits_and_goes_again(
+    settings: Settings,
+) -> None:
+    # Each add counts 1 s of operating time against a budget of 1.5 s in a 1 s window: the
+    # second add blocks crm.lead.add until the first leaves the window.
+    limits = {
+        "portal_operating_limit_s": 1.5,
+        "portal_operating_window_s": 1.0,
+        "portal_operating_cost_s": 1.0,
+        "portal_rate_limit": "off",
+    }
+    async with PortalServer(settings.model_copy(update=limits)) as portal:
+        client = make_client(
+            settings.portal_webhook_url, max_limit_waits=5, operation_limit_wait_s=0.5
+        )
+        batching = BatchingClient(client)
+        try:
+            ids = await asyncio.gather(
+                *(batching.call("crm.lead.add", {"fields": {"TITLE": f"L{n}"}}) for n in range(4))
+            )
+        finally:
+            await client.aclose()
+        stats = portal.portal.stats.snapshot()["by_method"]
+    assert len(set(ids)) == 4
+    # Adds were refused inside a batch, then went again: no caller saw the limit.
+    assert stats["crm.lead.add"]["ok"] == 4
+    assert stats["crm.lead.add"]["OPERATION_TIME_LIMIT"] >= 1

@@ -61,11 +61,17 @@ class BatchingClient:
         return (await self.request(method, params))["result"]
 
     async def request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The command's answer: `result`, and `time` when the portal told it."""
-        outcome = await self._calls.submit((method, params or {}))
-        if isinstance(outcome, BitrixError):
-            raise outcome
-        return outcome
+        """The command's answer: `result`, and `time` when the portal told it. A command that
+        hit a limit inside a batch waits for it and goes again, as a lone call would."""
+        waits = 0
+        while True:
+            outcome = await self._calls.submit((method, params or {}))
+            if not isinstance(outcome, BitrixError):
+                return outcome
+            in_batch = isinstance(outcome, BatchCommandError)
+            if not (in_batch and await self._client.wait_out_limit(outcome, waits, heard=True)):
+                raise outcome
+            waits += 1
 
     async def _send(self, calls: list[Call]) -> list[dict[str, Any] | BitrixError]:
         if len(calls) == 1:
@@ -82,6 +88,10 @@ class BatchingClient:
         except BitrixError as err:
             return [_as_command_error(err, method) for method, _ in calls]
         return [_command_outcome(answer, f"c{n}", method) for n, (method, _) in enumerate(calls)]
+
+
+class BatchCommandError(BitrixError):
+    """A command's own error inside a batch that went through."""
 
 
 def _as_command_error(err: BitrixError, method: str) -> BitrixError:
@@ -105,9 +115,9 @@ def _command_outcome(answer: Any, key: str, method: str) -> dict[str, Any] | Bit
     results, errors = _section(answer, "result"), _section(answer, "result_error")
     if key in errors:
         error = errors[key] if isinstance(errors[key], dict) else {}
-        return BitrixError.from_answer(method, error, http_status=None)
+        return BatchCommandError.from_answer(method, error, http_status=None)
     if key not in results:
-        return BitrixError(
+        return BatchCommandError(
             method,
             "BATCH_NO_ANSWER",
             "the batch answered nothing for this command",

@@ -17,7 +17,7 @@ import re
 import socket
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import httpx
 
@@ -90,7 +90,7 @@ class BitrixError(Exception):
         *,
         http_status: int | None,
         retry_after_s: float | None = None,
-    ) -> BitrixError:
+    ) -> Self:
         """The error Bitrix24 described (`error`, `error_description`); a command's error
         inside a batch has no status of its own and is classified as a 400."""
         code = str(answer.get("error") or "")
@@ -173,23 +173,31 @@ class BitrixClient:
             try:
                 return await self._request_once(method, params or {})
             except BitrixError as err:
-                if not err.rate_limited:
-                    raise
-                delay_s = min(self._limit_delay_s(err, waits), self._max_limit_wait_s)
-                if self._limiter is not None and err.http_status is not None:
-                    # The portal said so: every worker sharing the limiter slows down too.
-                    if err.code == QUERY_LIMIT_EXCEEDED:
-                        await self._limiter.fill()
-                    else:
-                        await self._limiter.block(method, delay_s)
-                if waits >= self._max_limit_waits:
+                # Blocked at home (http_status None): another worker already heard it.
+                if not await self.wait_out_limit(err, waits, heard=err.http_status is not None):
                     raise
                 waits += 1
-                log.warning(
-                    f"[Bitrix] {method} hit the Bitrix24 limit ({err.code}), "
-                    f"waiting {delay_s:.1f}s ({waits}/{self._max_limit_waits})"
-                )
-                await asyncio.sleep(delay_s)
+
+    async def wait_out_limit(self, err: BitrixError, waits: int, *, heard: bool) -> bool:
+        """After the `waits`-th answer of a call: when it is a rate limit, waits for it to clear
+        and returns True, or returns False when the waits are used up (or it is no limit).
+        A limit `heard` from the portal slows down every worker sharing the limiter too."""
+        if not err.rate_limited:
+            return False
+        delay_s = min(self._limit_delay_s(err, waits), self._max_limit_wait_s)
+        if self._limiter is not None and heard:
+            if err.code == QUERY_LIMIT_EXCEEDED:
+                await self._limiter.fill()
+            else:
+                await self._limiter.block(err.method, delay_s)
+        if waits >= self._max_limit_waits:
+            return False
+        log.warning(
+            f"[Bitrix] {err.method} hit the Bitrix24 limit ({err.code}), "
+            f"waiting {delay_s:.1f}s ({waits + 1}/{self._max_limit_waits})"
+        )
+        await asyncio.sleep(delay_s)
+        return True
 
     def _limit_delay_s(self, err: BitrixError, waits: int) -> float:
         if err.retry_after_s is not None:
