@@ -1,17 +1,16 @@
-"""RabbitMQ plumbing both services share: one broker factory, one way to publish through it,
-and a leaner confirmed publisher for the outbox relay's hot path."""
+"""RabbitMQ plumbing both services share: how queues are declared, and the one way messages
+are published (Core's events, the Bitrix service's replies)."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any, Literal
 from urllib.parse import urlsplit
-from weakref import WeakKeyDictionary
 
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
-from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 from faststream.rabbit import QueueType as RabbitQueueType
+from faststream.rabbit import RabbitQueue
 
 from b24sync.logs import mask_secrets
 
@@ -35,59 +34,13 @@ def durable_queue(name: str, queue_type: QueueType) -> RabbitQueue:
     return RabbitQueue(name, queue_type=RabbitQueueType.CLASSIC, durable=True)
 
 
-# Queues each broker has declared already: publishing to the default exchange does not create
-# the queue, and an unroutable message would be dropped by RabbitMQ.
-_declared: WeakKeyDictionary[RabbitBroker, set[str]] = WeakKeyDictionary()
-
-
-def make_broker(url: str, **kwargs: Any) -> RabbitBroker:
-    """A broker whose publishes wait for the broker's confirm and fail when unroutable."""
-    kwargs.setdefault("log_level", 10)  # FastStream's per-message access log is DEBUG noise.
-    kwargs.setdefault("default_channel", Channel(publisher_confirms=True, on_return_raises=True))
-    return RabbitBroker(url, **kwargs)
-
-
-async def publish_json(
-    broker: RabbitBroker,
-    queue: str,
-    body: dict[str, Any] | bytes,
-    *,
-    queue_type: QueueType,
-    message_id: str | None = None,
-    correlation_id: str | None = None,
-) -> None:
-    """Publishes a persistent JSON message to a durable queue and waits for the broker's confirm.
-    `body` is a JSON object, or one already encoded (sent as it is)."""
-    target = durable_queue(queue, queue_type)
-    declared = _declared.setdefault(broker, set())
-    if queue not in declared:
-        # FastStream remembers a queue once declared; declaring the one it returns sends the
-        # declaration again, for a queue deleted since.
-        await (await broker.declare_queue(target)).declare()
-        declared.add(queue)
-    try:
-        await broker.publish(
-            body,
-            queue=target,
-            persist=True,
-            mandatory=True,
-            content_type=CONTENT_TYPE,
-            message_id=message_id,
-            correlation_id=correlation_id,
-        )
-    except Exception:
-        declared.discard(queue)  # see ConfirmedPublisher.publish
-        raise
-
-
 class ConfirmedPublisher:
-    """What `publish_json` does, on one robust aio-pika connection and channel of its own.
+    """Publishes on one robust aio-pika connection and channel of its own.
 
     Each message is persistent JSON sent to a durable queue (declared on first use), mandatory
-    (unroutable fails) and awaited until the broker's confirm. Without FastStream's publish
-    path a message costs about a third less CPU, which counts where every event is published:
-    the outbox relay. It carries only the properties set here (no FastStream app_id, timestamp
-    or generated correlation_id).
+    (unroutable fails) and awaited until the broker's confirm. aio-pika directly rather than
+    FastStream's publish path: a message costs about a third less CPU, which counts where every
+    event is published, the outbox relay.
     """
 
     def __init__(self, url: str, queue_type: QueueType) -> None:
@@ -108,6 +61,11 @@ class ConfirmedPublisher:
             self._opening = asyncio.create_task(self._open())
         await asyncio.shield(self._opening)
 
+    @property
+    def connected(self) -> bool:
+        """Connected now (a robust connection is not while it reconnects)."""
+        return self._connection is not None and self._connection.connected.is_set()
+
     async def _open(self) -> None:
         connection = await aio_pika.connect_robust(self.url, timeout=CONNECT_TIMEOUT_S)
         try:
@@ -118,7 +76,12 @@ class ConfirmedPublisher:
         self._connection, self._channel = connection, channel
 
     async def publish(
-        self, queue: str, body: bytes, *, message_id: str, correlation_id: str | None = None
+        self,
+        queue: str,
+        body: bytes,
+        *,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
     ) -> None:
         channel = self._channel
         if channel is None:
@@ -149,6 +112,7 @@ class ConfirmedPublisher:
             await asyncio.wait({self._opening})
         if self._connection is not None:
             await self._connection.close()
+        self._connection = self._channel = None
 
 
 def describe_url(url: str) -> str:

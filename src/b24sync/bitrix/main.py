@@ -23,7 +23,7 @@ from b24sync.bitrix.ratelimit import RateLimiter
 from b24sync.bitrix.replies import ReplySender
 from b24sync.bitrix.state import UserLocks, UserStateStore
 from b24sync.logs import configure_logging, get_logger, register_secret, webhook_secret
-from b24sync.messaging import describe_url, make_broker
+from b24sync.messaging import ConfirmedPublisher, describe_url
 from b24sync.serving import EmbeddedServer, wait_for_stop_signal
 from b24sync.settings import Settings
 
@@ -37,7 +37,7 @@ class BitrixService:
         self.key_prefix = f"{settings.bullmq_prefix}:{settings.bullmq_queue}:b24sync"
         self._redis: Redis | None = None
         self._client: BitrixClient | None = None
-        self._broker = make_broker(settings.rabbitmq_url)
+        self._publisher = ConfirmedPublisher(settings.rabbitmq_url, settings.rabbitmq_queue_type)
         self._queue: Queue | None = None
         self._worker: Worker | None = None
         self._worker_task: asyncio.Task[None] | None = None
@@ -57,8 +57,8 @@ class BitrixService:
         register_secret(webhook_secret(webhook_url))
         self._redis = Redis.from_url(settings.redis_url, decode_responses=True)
         await self._redis.ping()
-        await self._broker.connect()
-        replies = ReplySender(self._broker, settings.rabbitmq_queue_type)
+        await self._publisher.connect()
+        replies = ReplySender(self._publisher)
 
         self._client = BitrixClient(
             webhook_url,
@@ -136,9 +136,9 @@ class BitrixService:
                 redis_ok = bool(await asyncio.wait_for(self._redis.ping(), timeout=2))
             except Exception:
                 redis_ok = False
-        rabbit_ok = self._consumer is not None and self._consumer.connected
-        if rabbit_ok:
-            rabbit_ok = await self._broker.ping(timeout=2)
+        rabbit_ok = (
+            self._consumer is not None and self._consumer.connected and self._publisher.connected
+        )
         return {"rabbitmq": rabbit_ok, "redis": redis_ok}
 
     async def stop(self) -> None:
@@ -166,7 +166,7 @@ class BitrixService:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
-        await self._broker.stop()
+        await self._publisher.close()
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None

@@ -4,6 +4,7 @@ beside it for the lifetime of the app."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
@@ -28,7 +29,7 @@ from b24sync.core.sync.endpoints import router as sync_router
 from b24sync.core.users.endpoints import router as users_router
 from b24sync.core.users.repository import GROUPED_CREATES, grouped_creates
 from b24sync.logs import get_logger
-from b24sync.messaging import describe_url, make_broker
+from b24sync.messaging import describe_url
 from b24sync.settings import Settings, get_settings
 
 log = get_logger(__name__)
@@ -79,7 +80,8 @@ def create_app(settings: Settings) -> FastAPI:
             raise
         creates = grouped_creates(engine, settings.create_groups_in_flight)
         sessionmaker = create_sessionmaker(engine, info={GROUPED_CREATES: creates})
-        broker = make_broker(settings.rabbitmq_url)
+        # Only the reply consumer's: its per-message access log at INFO would be noise.
+        broker = RabbitBroker(settings.rabbitmq_url, log_level=logging.DEBUG)
         register_reply_consumer(
             broker, settings.rabbitmq_reply_queue, settings.rabbitmq_queue_type, sessionmaker
         )
