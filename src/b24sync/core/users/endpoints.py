@@ -9,6 +9,9 @@ from fastapi import APIRouter, Body, Path, Query, Response, status
 from b24sync.core.dependencies import SessionDep, SettingsDep
 from b24sync.core.models import SyncStatus
 from b24sync.core.users.schemas import (
+    CREATE_EXAMPLE,
+    MOVE_EXAMPLE,
+    UPDATE_EXAMPLE,
     Pagination,
     Stage,
     UserCreate,
@@ -46,7 +49,7 @@ async def create_user(
             openapi_examples={
                 "seed": {
                     "summary": "Создание пользователя",
-                    "value": {"full_name": "Иван Иванов", "phone": "+77001112233", "stage": "NEW"},
+                    "value": CREATE_EXAMPLE,
                 },
                 "no_phone": {
                     "summary": "Пользователь без телефона — отклоняется (422)",
@@ -104,11 +107,7 @@ async def update_user(
             openapi_examples={
                 "seed": {
                     "summary": "Обновление пользователя",
-                    "value": {
-                        "full_name": "Иван Петров",
-                        "phone": "+77001112233",
-                        "stage": "IN_PROCESS",
-                    },
+                    "value": UPDATE_EXAMPLE,
                 }
             }
         ),
@@ -133,7 +132,7 @@ async def move_user(
             openapi_examples={
                 "seed": {
                     "summary": "Перемещение пользователя на новый этап",
-                    "value": {"stage": "CONVERTED"},
+                    "value": MOVE_EXAMPLE,
                 }
             }
         ),

@@ -43,17 +43,18 @@ Stage = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64), NoControlCharacters
 ]
 
-_CREATE_EXAMPLE: JsonDict = {"full_name": "Иван Иванов", "phone": "+77001112233", "stage": "NEW"}
-_UPDATE_EXAMPLE: JsonDict = {
+# The seed's requests: the examples of the schemas and of the OpenAPI page.
+CREATE_EXAMPLE: JsonDict = {"full_name": "Иван Иванов", "phone": "+77001112233", "stage": "NEW"}
+UPDATE_EXAMPLE: JsonDict = {
     "full_name": "Иван Петров",
     "phone": "+77001112233",
     "stage": "IN_PROCESS",
 }
-_MOVE_EXAMPLE: JsonDict = {"stage": "CONVERTED"}
+MOVE_EXAMPLE: JsonDict = {"stage": "CONVERTED"}
 
 
 class UserCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_CREATE_EXAMPLE]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [CREATE_EXAMPLE]})
 
     full_name: FullName
     phone: Phone
@@ -63,7 +64,7 @@ class UserCreate(BaseModel):
 class UserUpdate(BaseModel):
     """Partial update: fields left out keep their value; none of them may be set to null."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_UPDATE_EXAMPLE]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [UPDATE_EXAMPLE]})
 
     full_name: FullName | None = None
     phone: Phone | None = None
@@ -78,7 +79,7 @@ class UserUpdate(BaseModel):
 
 
 class UserMove(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_MOVE_EXAMPLE]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [MOVE_EXAMPLE]})
 
     stage: Stage
 
