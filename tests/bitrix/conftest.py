@@ -152,17 +152,23 @@ class Admin:
         response = await self.http.post("/admin/faults/script", json=entry)
         response.raise_for_status()
 
+    async def fail(
+        self,
+        method: str,
+        *,
+        status: int,
+        error: str,
+        description: str | None = None,
+        times: int = 1,
+    ) -> None:
+        """The next `times` calls of `method` answer with this Bitrix24 error."""
+        answer = {"error": error} | ({"description": description} if description else {})
+        await self.script(method=method, times=times, kind="error", status=status, **answer)
+
     async def limit(self, method: str, code: str, times: int = 1) -> None:
         """The next `times` calls of `method` answer with one of Bitrix24's limits, as it does."""
         status, description = LIMIT_ANSWERS[code]
-        await self.script(
-            method=method,
-            times=times,
-            kind="error",
-            status=status,
-            error=code,
-            description=description,
-        )
+        await self.fail(method, status=status, error=code, description=description, times=times)
 
     async def rest(self, method: str, params: dict[str, Any]) -> Any:
         """A REST call as someone else working in the portal would make it."""

@@ -34,10 +34,8 @@ async def test_call_returns_the_result(client: BitrixClient) -> None:
 async def test_permanent_errors_keep_code_and_description(
     client: BitrixClient, admin: Admin
 ) -> None:
-    await admin.script(
-        method="crm.lead.add",
-        times=1,
-        kind="error",
+    await admin.fail(
+        "crm.lead.add",
         status=401,
         error="NO_AUTH_FOUND",
         description="Wrong authorization data",

@@ -169,10 +169,8 @@ async def test_many_events_of_one_user_on_two_services_end_in_the_newest(
 async def test_a_permanent_error_is_answered_at_once_with_its_code(
     service: BitrixService, bus: Bus, admin: Admin, settings: Settings
 ) -> None:
-    await admin.script(
-        method="crm.lead.add",
-        times=1,
-        kind="error",
+    await admin.fail(
+        "crm.lead.add",
         status=403,
         error="insufficient_scope",
         description="The request requires higher privileges than provided by the webhook token",
@@ -194,10 +192,8 @@ async def test_a_permanent_error_is_answered_at_once_with_its_code(
 async def test_a_crm_error_without_code_keeps_the_empty_code(
     service: BitrixService, bus: Bus, admin: Admin, settings: Settings
 ) -> None:
-    await admin.script(
-        method="crm.lead.add",
-        times=1,
-        kind="error",
+    await admin.fail(
+        "crm.lead.add",
         status=400,
         error="",
         description="Access denied.",
@@ -240,13 +236,12 @@ async def test_transient_errors_are_retried(
 async def test_the_error_reply_comes_after_the_last_attempt(
     service: BitrixService, bus: Bus, admin: Admin, settings: Settings
 ) -> None:
-    await admin.script(
-        method="crm.lead.list",
-        times=3,
-        kind="error",
+    await admin.fail(
+        "crm.lead.list",
         status=500,
         error="INTERNAL_SERVER_ERROR",
         description="Internal server error",
+        times=3,
     )
     await bus.publish(event("create_card", 62, reply_queue=settings.rabbitmq_reply_queue))
     reply = (await bus.reply())["data"]
@@ -415,9 +410,7 @@ async def test_an_unsent_final_error_reply_keeps_the_job_until_it_is_sent(
     start_service: ServiceFactory, portal: object, bus: Bus, admin: Admin, settings: Settings
 ) -> None:
     await start_service(job_backoff_ms=200)
-    await admin.script(
-        method="crm.lead.list", times=100, kind="error", status=401, error="NO_AUTH_FOUND"
-    )
+    await admin.fail("crm.lead.list", status=401, error="NO_AUTH_FOUND", times=100)
     broken = await _break_reply_queue(bus, f"{settings.rabbitmq_reply_queue}.broken")
     delayed_before = _jobs_counted("delayed")
     await bus.publish(event("create_card", 85, reply_queue=broken.name))
