@@ -13,19 +13,15 @@ import httpx
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from b24sync.core.db import create_sessionmaker
 from b24sync.core.models import User
 from b24sync.core.outbox.service import EventDraft, outbox_service
 from b24sync.core.users.repository import GROUPED_CREATES, grouped_creates
-from b24sync.core.users.schemas import UserCreate
-from b24sync.core.users.service import user_service
 from b24sync.settings import Settings
-from tests.core.helpers import create_user, event_ids, running_core
+from tests.core.helpers import Sessions, create_user, event_ids, running_core
 from tests.core.rabbit import TcpProxy
-
-Sessions = async_sessionmaker[AsyncSession]
 
 
 def grouped_sessions(engine: AsyncEngine, in_flight: int) -> Sessions:
@@ -33,20 +29,12 @@ def grouped_sessions(engine: AsyncEngine, in_flight: int) -> Sessions:
     return create_sessionmaker(engine, info={GROUPED_CREATES: grouped_creates(engine, in_flight)})
 
 
-async def create(sessions: Sessions, settings: Settings, name: str) -> User:
-    async with sessions() as session:
-        data = UserCreate(full_name=name, phone="+77001112233", stage="NEW")
-        user = await user_service.create(session, settings, data)
-        await session.commit()
-        return user
-
-
 async def test_concurrent_creates_are_written_together_each_with_its_own_event(
     core_settings: Settings, engine: AsyncEngine, committed: Sessions
 ) -> None:
     sessions = grouped_sessions(engine, in_flight=1)
     names = [f"User {n}" for n in range(40)]
-    users = await asyncio.gather(*(create(sessions, core_settings, name) for name in names))
+    users = await asyncio.gather(*(create_user(sessions, core_settings, name) for name in names))
 
     assert [user.full_name for user in users] == names
     assert len({user.id for user in users}) == len(names)
@@ -71,7 +59,7 @@ async def test_concurrent_creates_are_written_together_each_with_its_own_event(
 async def test_a_create_alone_is_written_at_once(
     core_settings: Settings, engine: AsyncEngine, committed: Sessions
 ) -> None:
-    user = await create(grouped_sessions(engine, in_flight=2), core_settings, "Alone")
+    user = await create_user(grouped_sessions(engine, in_flight=2), core_settings, "Alone")
     async with committed() as session:
         row = (await session.execute(text("SELECT id, body FROM outbox_events"))).one()
     assert row.body["pattern"] == "user_created"
@@ -103,7 +91,7 @@ async def test_a_row_the_database_refuses_fails_only_its_own_create(
     sessions = grouped_sessions(engine, in_flight=1)
     names = ["First", "Second", "Bad", "Third", "Fourth"]
     results = await asyncio.gather(
-        *(create(sessions, core_settings, name) for name in names), return_exceptions=True
+        *(create_user(sessions, core_settings, name) for name in names), return_exceptions=True
     )
 
     assert isinstance(results[2], asyncpg.UniqueViolationError)
