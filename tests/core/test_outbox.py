@@ -207,11 +207,13 @@ async def test_broker_down_keeps_writes_and_events_flow_when_back(
         reply = {"status": "success", "action": "create_card", "bitrix_lead_id": 77,
                  "user": {"id": user_id, "version": 1}}  # fmt: skip
         await publish_raw(settings.rabbitmq_reply_queue, json.dumps(reply))
-        for _ in range(200):
-            user = (await http.get(f"/users/{user_id}")).json()
-            if user["sync"]["status"] == "synced":
-                break
-            await asyncio.sleep(0.05)
+
+        async def synced() -> bool:
+            state = (await http.get(f"/users/{user_id}")).json()
+            return bool(state["sync"]["status"] == "synced")
+
+        await eventually(synced)
+        user = (await http.get(f"/users/{user_id}")).json()
         assert user["bitrix_lead_id"] == 77
         assert user["sync"]["status"] == "synced"
         await eventually(lambda: all_published(committed))
@@ -340,10 +342,11 @@ async def test_relay_in_a_process_of_its_own(
         core.send_signal(stop)
         await asyncio.wait_for(core.wait(), 60)
     assert core.returncode == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
-    for _ in range(100):  # the relay dies with Core, killed or stopped
-        if not _running(relays[0]):
-            break
-        await asyncio.sleep(0.05)
+
+    async def relay_gone() -> bool:  # the relay dies with Core, killed or stopped
+        return not _running(relays[0])
+
+    await eventually(relay_gone, wait_s=5)
     assert not _running(relays[0])
 
 
@@ -362,11 +365,12 @@ async def test_core_refuses_to_start_on_unmigrated_database(
 
 
 async def test_readyz_when_everything_is_up(running_app: httpx.AsyncClient) -> None:
-    for _ in range(100):  # the broker connects in the background right after startup
-        response = await running_app.get("/readyz")
-        if response.status_code == 200:
-            break
-        await asyncio.sleep(0.05)
+
+    async def ready() -> bool:  # the broker connects in the background right after startup
+        return (await running_app.get("/readyz")).status_code == 200
+
+    await eventually(ready, wait_s=5)
+    response = await running_app.get("/readyz")
     assert response.status_code == 200
     assert response.json() == {"status": "ready", "checks": {"postgresql": "ok", "rabbitmq": "ok"}}
 
