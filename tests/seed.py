@@ -1,4 +1,4 @@
-"""The seed's three RabbitMQ messages, exactly as its README shows them."""
+"""The seed's three RabbitMQ messages and its error reply, exactly as its README shows them."""
 
 from __future__ import annotations
 
@@ -36,5 +36,17 @@ SEED_MOVE: dict[str, Any] = {
             "stage": "CONVERTED",
         },
         "replyQueue": "bitrix.responses",
+    },
+}
+# The reply to a create without a phone.
+SEED_NO_PHONE_REPLY: dict[str, Any] = {
+    "pattern": "bitrix.responses",
+    "data": {
+        "status": "error",
+        "action": "create_card",
+        "reason": "Missing phone number",
+        "user": {"id": 123, "full_name": "Пользователь без телефона", "stage": "NEW"},
+        "user_id": 123,
+        "attempts": 1,
     },
 }

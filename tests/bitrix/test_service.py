@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from b24sync.bitrix.main import BitrixService
 from b24sync.settings import Settings
 from tests.conftest import eventually
-from tests.seed import SEED_CREATE, SEED_MOVE, SEED_UPDATE
+from tests.seed import SEED_CREATE, SEED_MOVE, SEED_NO_PHONE_REPLY, SEED_UPDATE
 
 from .conftest import Admin, Bus, ServiceFactory, event
 
@@ -68,17 +68,7 @@ async def test_missing_phone_is_answered_at_once_without_calling_bitrix24(
 
     message = await bus.reply_message()
     assert message.correlation_id == "evt-no-phone"
-    assert json.loads(message.body) == {
-        "pattern": "bitrix.responses",
-        "data": {
-            "status": "error",
-            "action": "create_card",
-            "reason": "Missing phone number",
-            "user": {"id": 123, "full_name": "Пользователь без телефона", "stage": "NEW"},
-            "user_id": 123,
-            "attempts": 1,
-        },
-    }
+    assert json.loads(message.body) == SEED_NO_PHONE_REPLY
     assert (await admin.stats())["total"] == 0
 
 

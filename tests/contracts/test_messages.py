@@ -17,7 +17,7 @@ from b24sync.contracts import (
     parse_event,
     parse_reply,
 )
-from tests.seed import SEED_CREATE
+from tests.seed import SEED_CREATE, SEED_NO_PHONE_REPLY
 
 
 def test_seed_event_round_trips_unchanged() -> None:
@@ -65,17 +65,7 @@ def test_seed_error_reply_shape() -> None:
             attempts=1,
         )
     )
-    assert reply.wire() == {
-        "pattern": "bitrix.responses",
-        "data": {
-            "status": "error",
-            "action": "create_card",
-            "reason": "Missing phone number",
-            "user": {"id": 123, "full_name": "Пользователь без телефона", "stage": "NEW"},
-            "user_id": 123,
-            "attempts": 1,
-        },
-    }
+    assert reply.wire() == SEED_NO_PHONE_REPLY
 
 
 def test_reply_is_read_bare_and_enveloped() -> None:
