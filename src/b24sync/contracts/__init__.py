@@ -3,6 +3,7 @@
 from b24sync.contracts.messages import (
     ACTION_BY_PATTERN,
     DEFAULT_REPLY_QUEUE,
+    MAX_ID,
     REPLY_PATTERN,
     Action,
     Event,
@@ -12,6 +13,7 @@ from b24sync.contracts.messages import (
     Reply,
     ReplyData,
     ReplyStatus,
+    UserField,
     UserPayload,
     parse_event,
     parse_reply,
@@ -20,6 +22,7 @@ from b24sync.contracts.messages import (
 __all__ = [
     "ACTION_BY_PATTERN",
     "DEFAULT_REPLY_QUEUE",
+    "MAX_ID",
     "REPLY_PATTERN",
     "Action",
     "Event",
@@ -29,6 +32,7 @@ __all__ = [
     "Reply",
     "ReplyData",
     "ReplyStatus",
+    "UserField",
     "UserPayload",
     "parse_event",
     "parse_reply",

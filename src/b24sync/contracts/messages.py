@@ -11,7 +11,9 @@ Bitrix -> the reply queue::
      "user": {...}, "user_id": 123, "bitrix_lead_id": 456, "attempts": 1}}
 
 Producers outside this project (the seed's NestJS Core) send no ``message_id`` and no
-``user.version``; every added field is therefore optional on the way in.
+``user.version``; every added field is therefore optional on the way in. The original NestJS
+Bitrix service replies with ``user_id`` instead of a ``user`` object and puts the reason of a
+final failure under ``error``; `ReplyData` reads both shapes.
 """
 
 from __future__ import annotations
@@ -20,10 +22,22 @@ import json
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_REPLY_QUEUE = "bitrix.responses"
 REPLY_PATTERN = "bitrix.responses"
+
+# Ids are PostgreSQL bigints: anything outside 1..2^63-1 cannot be one of Core's users.
+MAX_ID = 2**63 - 1
+# Versions are PostgreSQL integers.
+MAX_VERSION = 2**31 - 1
+# Field bounds on the wire: Core's own limits (a name of 200, an E.164 phone, a stage id), with
+# room for foreign producers; an event beyond them is refused, never turned into a lead.
+MAX_NAME_CHARS = 200
+MAX_PHONE_CHARS = 64
+MAX_STAGE_CHARS = 64
+# A reply's reason is cut to this length, never refused for it: the answer matters more.
+MAX_REASON_CHARS = 2000
 
 
 class Pattern(StrEnum):
@@ -45,6 +59,14 @@ ACTION_BY_PATTERN: dict[Pattern, Action] = {
 }
 
 
+class UserField(StrEnum):
+    """The user's fields a lead reflects (the names of `UserPayload`'s fields)."""
+
+    FULL_NAME = "full_name"
+    PHONE = "phone"
+    STAGE = "stage"
+
+
 class UserPayload(BaseModel):
     """The user as carried in events and echoed in replies.
 
@@ -54,12 +76,12 @@ class UserPayload(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    id: int
-    full_name: str | None = None
-    phone: str | None = None
-    stage: str | None = None
-    bitrix_lead_id: int | None = None
-    version: int | None = Field(default=None, ge=1)
+    id: int = Field(ge=1, le=MAX_ID)
+    full_name: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
+    phone: str | None = Field(default=None, max_length=MAX_PHONE_CHARS)
+    stage: str | None = Field(default=None, max_length=MAX_STAGE_CHARS)
+    bitrix_lead_id: int | None = Field(default=None, ge=1, le=MAX_ID)
+    version: int | None = Field(default=None, ge=1, le=MAX_VERSION)
 
     def wire(self) -> dict[str, Any]:
         """The fields the sender actually set, so an echo looks like what came in."""
@@ -71,7 +93,17 @@ class EventData(BaseModel):
 
     action: Action
     user: UserPayload
-    reply_queue: str = Field(default=DEFAULT_REPLY_QUEUE, alias="replyQueue", min_length=1)
+    reply_queue: str = Field(
+        default=DEFAULT_REPLY_QUEUE, alias="replyQueue", min_length=1, max_length=255
+    )
+    # The fields that changed since the version Bitrix24 last confirmed for this user, whatever
+    # the action: a write carries all of them, and only them (what a salesperson edited in
+    # Bitrix24 is left alone). None when the producer does not say (the seed's own Core): the
+    # action then decides (a create or an update writes every field it carries, a move the stage).
+    changed: list[UserField] | None = None
+    # Core restates the user after the Bitrix service answered with a version Core never had
+    # (a forged or foreign event): write it even though a "newer" version was recorded.
+    force: bool = False
 
 
 class Event(BaseModel):
@@ -81,14 +113,16 @@ class Event(BaseModel):
     data: EventData
 
     def wire(self) -> dict[str, Any]:
-        return {
-            "pattern": self.pattern.value,
-            "data": {
-                "action": self.data.action.value,
-                "user": self.data.user.wire(),
-                "replyQueue": self.data.reply_queue,
-            },
+        data: dict[str, Any] = {
+            "action": self.data.action.value,
+            "user": self.data.user.wire(),
+            "replyQueue": self.data.reply_queue,
         }
+        if self.data.changed is not None:
+            data["changed"] = [field.value for field in self.data.changed]
+        if self.data.force:
+            data["force"] = True
+        return {"pattern": self.pattern.value, "data": data}
 
 
 class ReplyStatus(StrEnum):
@@ -97,24 +131,70 @@ class ReplyStatus(StrEnum):
 
 
 class ReplyData(BaseModel):
+    """A reply, in this project's shape or the original NestJS Bitrix service's: the user as a
+    ``user`` object or a bare ``user_id`` (at least one of them), the reason under ``reason``
+    or ``error``."""
+
     model_config = ConfigDict(extra="ignore")
 
     status: ReplyStatus
     action: Action | None = None
-    user: UserPayload
-    user_id: int | None = None
-    bitrix_lead_id: int | None = None
+    user: UserPayload | None = None
+    user_id: int | None = Field(default=None, ge=1, le=MAX_ID)
+    bitrix_lead_id: int | None = Field(default=None, ge=1, le=MAX_ID)
     attempts: int | None = None
     reason: str | None = None
-    # Bitrix24's error code on a permanent failure ("" for CRM business errors).
+    # Bitrix24's error code ("" for CRM business errors), or the Bitrix service's own
+    # (NETWORK_ERROR, TIMEOUT, ...).
     error_code: str | None = None
-    # Set on a success reply for an event that was older than what the lead already holds.
+    # On an error: whether sending the same change again may succeed (network, timeout, 5xx,
+    # limits) or not before the user or the setup changes (validation, auth, scope). None when
+    # the sender does not say (the original NestJS service).
+    retryable: bool | None = None
+    # A success that wrote nothing: the event was superseded by a newer one of the same user,
+    # or older than the version already applied. Proves nothing about the lead by itself.
     skipped: bool | None = None
+    # On a skipped reply: the version the Bitrix service had already applied for the user.
+    applied_version: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_nestjs_shape(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        reason = raw.get("reason")
+        if reason is None and isinstance(raw.get("error"), str):
+            reason = raw["error"]
+        if isinstance(reason, str) and len(reason) > MAX_REASON_CHARS:
+            reason = reason[: MAX_REASON_CHARS - 1] + "…"
+        return {**raw, "reason": reason} if reason is not None else raw
+
+    @model_validator(mode="after")
+    def _names_one_user(self) -> ReplyData:
+        if self.user is None and self.user_id is None:
+            raise ValueError("a reply names its user by user.id or user_id")
+        if self.user is not None and self.user_id is not None and self.user.id != self.user_id:
+            raise ValueError(f"user.id {self.user.id} and user_id {self.user_id} disagree")
+        return self
+
+    @property
+    def target_user_id(self) -> int:
+        """The user the reply is about."""
+        if self.user is not None:
+            return self.user.id
+        assert self.user_id is not None  # checked by the validator
+        return self.user_id
+
+    @property
+    def version(self) -> int | None:
+        """The user version the reply says it answers, when the sender tells."""
+        return self.user.version if self.user is not None else None
 
     def wire(self) -> dict[str, Any]:
         body = self.model_dump(mode="json", exclude_none=True, exclude={"user"})
-        body["user"] = self.user.wire()
-        body.setdefault("user_id", self.user.id)
+        if self.user is not None:
+            body["user"] = self.user.wire()
+        body.setdefault("user_id", self.target_user_id)
         return body
 
 
