@@ -5,7 +5,7 @@ import json
 import pytest
 import structlog
 
-from b24sync.logs import configure_logging, get_logger, mask_secrets, webhook_secret
+from b24sync.logs import configure_logging, get_logger, mask_secrets, shorten, webhook_secret
 
 WEBHOOK = "https://example.bitrix24.kz/rest/17/sj4byqtjd3p5j3wq/crm.lead.add.json"
 
@@ -42,3 +42,13 @@ def test_webhook_secret() -> None:
     )
     assert webhook_secret("http://127.0.0.1:3100/rest/1/b24sync-local") == "b24sync-local"
     assert webhook_secret("http://127.0.0.1:3100/") is None
+
+
+def test_shorten_keeps_short_text_as_it_is() -> None:
+    assert shorten("Иван Иванов", 11) == "Иван Иванов"
+    assert shorten("", 0) == ""
+
+
+def test_shorten_cuts_and_says_how_much() -> None:
+    assert shorten("x" * 8_000_000, 10) == "xxxxxxxxxx… (7999990 more characters)"
+    assert shorten("Иван Иванов", 4) == "Иван… (7 more characters)"

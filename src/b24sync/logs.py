@@ -100,5 +100,16 @@ def configure_logging(level: str = "INFO", json: bool = False, secrets: Iterable
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def shorten(text: str, limit: int) -> str:
+    """The first `limit` characters of `text`, saying how many more there were.
+
+    For log lines that carry message bodies or field values: one line stays readable and
+    bounded, whatever size of input a producer sent.
+    """
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit} more characters)"
+
+
 def get_logger(name: str) -> Any:
     return structlog.get_logger(name)

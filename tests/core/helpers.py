@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 import httpx
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from b24sync.contracts import ReplyData
 from b24sync.core.app import create_app
 from b24sync.core.models import User
+from b24sync.core.sync.service import Outcome, reply_service
 from b24sync.core.users.schemas import UserCreate, UserMove, UserUpdate
 from b24sync.core.users.service import user_service
 from b24sync.settings import Settings
@@ -23,6 +28,11 @@ async def create_user(sessions: Sessions, settings: Settings, name: str = "Ив�
     async with sessions() as session, session.begin():
         data = UserCreate(full_name=name, phone="+77001112233", stage="NEW")
         return await user_service.create(session, settings, data)
+
+
+async def change_user(sessions: Sessions, settings: Settings, user_id: int, **fields: str) -> User:
+    async with sessions() as session, session.begin():
+        return await user_service.update(session, settings, user_id, UserUpdate(**fields))
 
 
 async def rename_user(sessions: Sessions, settings: Settings, user_id: int, name: str) -> User:
@@ -47,6 +57,83 @@ async def all_published(sessions: Sessions) -> bool:
     """Every event confirmed by the broker and marked so: the relay marks a batch after its
     confirms, so a consumer can see a message a moment before this holds."""
     return await unpublished(sessions) == 0
+
+
+@dataclass
+class StoredEvent:
+    id: str
+    pattern: str
+    version: int
+    body: dict[str, Any]
+    published_at: datetime | None
+    answer_status: str | None
+    answer_reason: str | None
+
+
+async def events_of(sessions: Sessions, user_id: int) -> list[StoredEvent]:
+    """The user's events in seq order."""
+    async with sessions() as session:
+        rows = await session.execute(
+            text(
+                "SELECT id, pattern, version, body, published_at, answer_status, answer_reason"
+                " FROM outbox_events WHERE user_id = :id ORDER BY seq"
+            ),
+            {"id": user_id},
+        )
+        return [StoredEvent(str(row[0]), *row[1:]) for row in rows]
+
+
+async def publish_all(sessions: Sessions) -> None:
+    """Marks every waiting event published, as the relay would once RabbitMQ confirmed it."""
+    async with sessions() as session, session.begin():
+        await session.execute(
+            text(
+                "UPDATE outbox_events SET published_at = now()"
+                " WHERE published_at IS NULL AND answered_at IS NULL"
+            )
+        )
+
+
+async def read_user(sessions: Sessions, user_id: int) -> User:
+    async with sessions() as session:
+        statement = select(User).where(User.id == user_id)
+        return (
+            await session.scalars(statement, execution_options={"populate_existing": True})
+        ).one()
+
+
+async def answer(
+    sessions: Sessions, settings: Settings, reply: dict[str, Any], event_id: str | None = None
+) -> Outcome:
+    """Applies a reply (the `data` object) as the consumer would; `event_id` as its
+    correlation id."""
+    async with sessions() as session, session.begin():
+        return await reply_service.apply(
+            session, settings, ReplyData.model_validate(reply), correlation_id=event_id
+        )
+
+
+def success(
+    user_id: int, version: int | None = None, lead: int = 456, **extra: Any
+) -> dict[str, Any]:
+    """A success as our Bitrix service sends it (the user echoed, with its version when set)."""
+    user: dict[str, Any] = {"id": user_id, "full_name": "Иван Иванов", "phone": "+77001112233",
+                            "stage": "NEW"}  # fmt: skip
+    if version is not None:
+        user["version"] = version
+    return {"status": "success", "action": "create_card", "user": user, "user_id": user_id,
+            "bitrix_lead_id": lead, "attempts": 1, **extra}  # fmt: skip
+
+
+def error(
+    user_id: int, version: int | None = None, reason: str = "Network error", **extra: Any
+) -> dict[str, Any]:
+    """An error as our Bitrix service sends it."""
+    user: dict[str, Any] = {"id": user_id, "full_name": "Иван Иванов", "stage": "NEW"}
+    if version is not None:
+        user["version"] = version
+    return {"status": "error", "action": "create_card", "reason": reason, "user": user,
+            "user_id": user_id, "attempts": 3, **extra}  # fmt: skip
 
 
 async def event_ids(sessions: Sessions) -> list[str]:

@@ -57,15 +57,18 @@ async def queue_depth(queue_name: str) -> int:
         return queue.declaration_result.message_count or 0
 
 
-async def publish_raw(queue_name: str, body: bytes | str) -> None:
+async def publish_raw(
+    queue_name: str, body: bytes | str, *, correlation_id: str | None = None
+) -> None:
     connection = await aio_pika.connect(RABBITMQ_URL)
     async with connection:
         channel = await connection.channel()
         await channel.declare_queue(queue_name, durable=True)
         payload = body.encode() if isinstance(body, str) else body
-        await channel.default_exchange.publish(
-            aio_pika.Message(payload, content_type="application/json"), routing_key=queue_name
+        message = aio_pika.Message(
+            payload, content_type="application/json", correlation_id=correlation_id
         )
+        await channel.default_exchange.publish(message, routing_key=queue_name)
 
 
 class TcpProxy:

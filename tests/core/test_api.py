@@ -58,7 +58,12 @@ async def test_seed_requests_verbatim(
         "status": "pending",
         "synced_version": None,
         "error": None,
+        "error_code": None,
+        "retryable": None,
         "attempts": 0,
+        "retries": 0,
+        "next_retry_at": None,
+        "failed_at": None,
         "synced_at": None,
     }
 
@@ -92,6 +97,8 @@ async def test_seed_requests_verbatim(
                 "bitrix_lead_id": None,
             },
             "replyQueue": reply_queue,
+            # Nothing confirmed yet: every field goes, whatever the action.
+            "changed": ["full_name", "phone", "stage"],
         },
     }
     assert [event["body"]["data"]["action"] for event in events] == [
@@ -330,7 +337,10 @@ async def test_token_required_when_set(core_settings: Settings, rollback_session
         assert (await http.get("/openapi.json")).status_code == 401
         assert (await http.get("/healthz")).status_code == 200
         assert (await http.get("/sync")).status_code == 401
-        assert (await http.get("/metrics")).status_code == 200  # counts only, for scrapers
+        assert (await http.get("/metrics")).status_code == 401
+        scraped = await http.get("/metrics", headers={"Authorization": "Bearer s3cr3t-t0ken"})
+        assert scraped.status_code == 200
+        assert "b24sync_core_users" in scraped.text
 
 
 async def test_openapi_has_seed_examples(client: httpx.AsyncClient) -> None:

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import signal
-import sys
 from asyncio.subprocess import PIPE, STDOUT
 from collections import defaultdict
 from pathlib import Path
@@ -49,8 +48,7 @@ from tests.core.helpers import (
     unpublished,
 )
 from tests.core.rabbit import Received, TcpProxy, drain, publish_raw, queue_depth
-
-CORE = str(Path(sys.executable).parent / "b24sync")
+from tests.processes import B24SYNC, service_environment
 
 
 def versions_by_user(messages: list[Received]) -> dict[int, list[int]]:
@@ -59,21 +57,6 @@ def versions_by_user(messages: list[Received]) -> dict[int, list[int]]:
         user = message.body["data"]["user"]
         seen[user["id"]].append(user["version"])
     return seen
-
-
-def core_environment(settings: Settings, **extra: str) -> dict[str, str]:
-    """Environment of a `b24sync core` subprocess on the test's database and queues."""
-    return {
-        **os.environ,
-        "DATABASE_URL": settings.database_url,
-        "RABBITMQ_URL": settings.rabbitmq_url,
-        "RABBITMQ_QUEUE": settings.rabbitmq_queue,
-        "RABBITMQ_REPLY_QUEUE": settings.rabbitmq_reply_queue,
-        "PORT": str(settings.port),
-        "HOST": "127.0.0.1",
-        "LOG_LEVEL": "WARNING",
-        **extra,
-    }
 
 
 def test_waves_keep_each_users_events_apart_and_in_order() -> None:
@@ -139,6 +122,8 @@ async def test_committed_changes_reach_the_queue_in_contract_shape(
                 "action": action,
                 "user": {**payload, "bitrix_lead_id": None},
                 "replyQueue": reply_queue,
+                # Nothing confirmed by Bitrix24 yet: every event carries every field.
+                "changed": ["full_name", "phone", "stage"],
             },
         }
         for pattern, action, payload in expected
@@ -251,7 +236,7 @@ async def test_core_killed_mid_batch_loses_nothing(
             text(
                 "INSERT INTO users (full_name, phone, stage)"
                 " SELECT 'Bulk ' || n, '+77001112233', 'NEW' FROM generate_series(1, :n) AS n"
-                " RETURNING id, full_name, phone, stage, version, bitrix_lead_id"
+                " RETURNING id, full_name, phone, stage, version, bitrix_lead_id, sync_force"
             ),
             {"n": total},
         )
@@ -259,15 +244,15 @@ async def test_core_killed_mid_batch_loses_nothing(
         for row in rows:
             user = User(**row._asdict())
             body = build_event(user, Pattern.USER_CREATED, core_settings.rabbitmq_reply_queue)
-            events.append({"id": uuid4(), "user_id": user.id,
-                           "pattern": "user_created", "body": body.wire()})  # fmt: skip
+            events.append({"id": uuid4(), "user_id": user.id, "pattern": "user_created",
+                           "version": 1, "body": body.wire()})  # fmt: skip
         await session.execute(OutboxEvent.__table__.insert(), events)
     all_ids = set(await event_ids(committed))
 
     # One batch for everything: it is still open when the process dies.
-    env = core_environment(core_settings, OUTBOX_BATCH_SIZE=str(total * 2))
+    env = service_environment(core_settings, OUTBOX_BATCH_SIZE=str(total * 2))
     watcher = await aio_pika.connect(core_settings.rabbitmq_url)
-    core = await asyncio.create_subprocess_exec(CORE, "core", env=env, cwd=tmp_path)
+    core = await asyncio.create_subprocess_exec(B24SYNC, "core", env=env, cwd=tmp_path)
     try:
         # Poll on one open channel: a kill within milliseconds of the first message lands
         # well inside the batch, before its transaction commits.
@@ -319,8 +304,8 @@ def _running(pid: int) -> bool:
 async def test_relay_in_a_process_of_its_own(
     core_settings: Settings, committed: Sessions, tmp_path: Path, stop: signal.Signals
 ) -> None:
-    env = core_environment(core_settings, OUTBOX_RELAY_PROCESS="true")
-    core = await asyncio.create_subprocess_exec(CORE, "core", env=env, cwd=tmp_path)
+    env = service_environment(core_settings, OUTBOX_RELAY_PROCESS="true")
+    core = await asyncio.create_subprocess_exec(B24SYNC, "core", env=env, cwd=tmp_path)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{core_settings.port}") as http:
             for _ in range(400):
@@ -357,7 +342,7 @@ async def test_core_refuses_to_start_on_unmigrated_database(
     env = {**os.environ, "DATABASE_URL": empty.render_as_string(hide_password=False),
            "PORT": str(core_settings.port)}  # fmt: skip
     core = await asyncio.create_subprocess_exec(
-        CORE, "core", env=env, cwd=tmp_path, stdout=PIPE, stderr=STDOUT
+        B24SYNC, "core", env=env, cwd=tmp_path, stdout=PIPE, stderr=STDOUT
     )
     output, _ = await asyncio.wait_for(core.communicate(), 60)
     assert core.returncode == 1
@@ -395,17 +380,16 @@ async def test_a_user_is_never_created_without_its_event(
     assert await event_ids(committed) == [taken]
 
 
-async def answer_success(sessions: Sessions, user: User) -> None:
+async def answer_success(sessions: Sessions, settings: Settings, user: User) -> None:
     reply = ReplyData.model_validate(
         {
             "status": "success",
-            "action": "create_card",
             "bitrix_lead_id": 5,
             "user": {"id": user.id, "version": user.version},
         }
     )
     async with sessions() as session, session.begin():
-        await reply_service.apply(session, reply)
+        await reply_service.apply(session, settings, reply)
 
 
 async def test_a_change_left_without_an_answer_is_sent_again(
@@ -417,7 +401,7 @@ async def test_a_change_left_without_an_answer_is_sent_again(
         answered = await create_user(committed, settings, "Answered")
         lost = await create_user(committed, settings, "Lost")
         first = await drain(settings.rabbitmq_queue, 2)
-        await answer_success(committed, answered)
+        await answer_success(committed, settings, answered)
         # Nothing answers for "Lost" (its job gone with Redis's data, say): it comes again.
         again = await drain(settings.rabbitmq_queue, 1, timeout_s=15)
         await eventually(lambda: all_published(committed))
@@ -465,7 +449,7 @@ async def test_resends_wait_longer_each_time_and_only_for_the_latest_event(
     state = {str(row.id): (row.resends, row.published_at is None) for row in rows}
     assert state == {older: (0, False), latest: (1, True)}
 
-    await answer_success(committed, user)  # synced: nothing left to send again
+    await answer_success(committed, core_settings, user)  # synced: nothing left to send again
     assert await published_ago(1000, resends=0) == 0
 
 

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from faststream.rabbit import RabbitBroker
@@ -18,9 +20,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from b24sync.core.backoff import Backoff
 from b24sync.core.db import DRIVER_CONNECTION_ERRORS, create_engine, create_sessionmaker
 from b24sync.core.dependencies import require_token
-from b24sync.core.exceptions import CoreError
+from b24sync.core.exceptions import CoreError, sendable_error
 from b24sync.core.health import router as health_router
-from b24sync.core.middleware import BodySizeLimitMiddleware
+from b24sync.core.middleware import BodySizeLimitMiddleware, QueryEncodingMiddleware
 from b24sync.core.migrate import check_schema
 from b24sync.core.outbox.relay import Relay
 from b24sync.core.sync.consumer import register_reply_consumer
@@ -82,9 +84,7 @@ def create_app(settings: Settings) -> FastAPI:
         sessionmaker = create_sessionmaker(engine, info={GROUPED_CREATES: creates})
         # Only the reply consumer's: its per-message access log at INFO would be noise.
         broker = RabbitBroker(settings.rabbitmq_url, log_level=logging.DEBUG)
-        register_reply_consumer(
-            broker, settings.rabbitmq_reply_queue, settings.rabbitmq_queue_type, sessionmaker
-        )
+        register_reply_consumer(broker, settings, sessionmaker)
         app.state.engine = engine
         app.state.sessionmaker = sessionmaker
         app.state.broker = broker
@@ -113,10 +113,12 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.add_middleware(BodySizeLimitMiddleware)
+    app.add_middleware(QueryEncodingMiddleware)
     app.include_router(health_router)
-    app.include_router(sync_metrics_router)
     # Without CORE_API_TOKEN there is nothing to check: no dependency to run on every request.
     token_check = [Depends(require_token)] if settings.core_api_token is not None else []
+    # The figures tell how many users there are and how the sync fares: not for everybody.
+    app.include_router(sync_metrics_router, dependencies=token_check)
     app.include_router(users_router, dependencies=token_check)
     app.include_router(sync_router, dependencies=token_check)
     docs = APIRouter(dependencies=token_check, include_in_schema=False)
@@ -135,6 +137,13 @@ def create_app(settings: Settings) -> FastAPI:
     async def core_error(_: Request, exc: CoreError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
         return JSONResponse({"detail": exc.detail()}, status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes every input, and fails with a 500 on one that JSON in
+        # UTF-8 cannot carry (NaN, Infinity, a lone surrogate).
+        errors = [sendable_error(error) for error in jsonable_encoder(exc.errors())]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)

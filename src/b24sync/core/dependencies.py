@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -10,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from b24sync.core.db import get_db_session
 from b24sync.core.exceptions import UnauthorizedError
+from b24sync.serving import bearer_token_matches
 from b24sync.settings import Settings
 
 
@@ -27,7 +27,5 @@ async def require_token(request: Request, settings: SettingsDep) -> None:
     """With CORE_API_TOKEN set, every API route needs ``Authorization: Bearer <token>``."""
     if settings.core_api_token is None:
         return
-    expected = settings.core_api_token.get_secret_value().encode()
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+    if not bearer_token_matches(request.headers.get("authorization", ""), settings.core_api_token):
         raise UnauthorizedError("Missing or invalid bearer token")

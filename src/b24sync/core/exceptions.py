@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -37,10 +39,39 @@ class FieldValidationError(CoreError):
 
     def detail(self) -> Any:
         return [
-            {
-                "type": "value_error",
-                "loc": ["body", self.field],
-                "msg": self.field_message,
-                "input": self.value,
-            }
+            sendable_error(
+                {
+                    "type": "value_error",
+                    "loc": ["body", self.field],
+                    "msg": self.field_message,
+                    "input": self.value,
+                }
+            )
         ]
+
+
+def sendable_error(error: Mapping[str, Any]) -> dict[str, Any]:
+    """One entry of a 422's `detail` in FastAPI's shape, safe to answer with: its input (and
+    context) only when JSON in UTF-8 can carry them (no NaN or Infinity, no lone surrogate),
+    and text that could not be sent escaped (`\\ud800`)."""
+    sendable: dict[str, Any] = {}
+    for key, value in error.items():
+        if key == "loc":
+            sendable[key] = [_escaped(part) if isinstance(part, str) else part for part in value]
+        elif key == "msg":
+            sendable[key] = _escaped(str(value))
+        elif _encodable(value):
+            sendable[key] = value
+    return sendable
+
+
+def _encodable(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
+    except (ValueError, TypeError):  # UnicodeEncodeError is a ValueError
+        return False
+    return True
+
+
+def _escaped(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

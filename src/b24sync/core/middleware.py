@@ -1,8 +1,10 @@
-"""A request body limit enforced before the app reads a byte of it."""
+"""Checks of the raw request before the app reads it: the body's size, the query's encoding."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -50,15 +52,49 @@ class BodySizeLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _reject(self, send: Send) -> None:
-        body = json.dumps({"detail": f"Request body larger than {self.max_bytes} bytes"}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, 413, {"detail": f"Request body larger than {self.max_bytes} bytes"})
+
+
+class QueryEncodingMiddleware:
+    """Answers 422 to a query parameter whose bytes are not UTF-8 text (`%FF`, or `%ED%A0%80`:
+    a lone surrogate written as UTF-8). Starlette would read each such byte as U+FFFD and
+    filter by that, answering as if the request were fine."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        query: bytes = scope.get("query_string", b"") if scope["type"] == "http" else b""
+        if b"%" in query or not query.isascii():
+            # Latin-1 maps byte to character and back: each part's own bytes, to decode here.
+            for name, value in parse_qsl(
+                query.decode("latin-1"), keep_blank_values=True, encoding="latin-1"
+            ):
+                try:
+                    name.encode("latin-1").decode("utf-8")
+                    value.encode("latin-1").decode("utf-8")
+                except UnicodeDecodeError:
+                    readable = name.encode("latin-1").decode("utf-8", errors="replace")
+                    error = {
+                        "type": "unicode_error",
+                        "loc": ["query", readable],
+                        "msg": "must be UTF-8 text (percent-encoded bytes included)",
+                    }
+                    await send_json(send, 422, {"detail": [error]})
+                    return
+        await self.app(scope, receive, send)
+
+
+async def send_json(send: Send, status: int, content: Any) -> None:
+    body = json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

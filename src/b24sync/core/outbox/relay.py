@@ -15,9 +15,15 @@ The relay publishes through connections of its own (`ConfirmedPublisher`, aio-pi
 FastStream: the per-event CPU matters here). It keeps trying while RabbitMQ or PostgreSQL is
 down, and the robust connections reconnect after an outage.
 
-At least once means end to end, too: a change the Bitrix service never answered (its job lost
-with Redis's data, its reply lost) is sent again after ``sync_resend_after_s``, with the same
-message_id, and again after twice as long, until an answer comes (`resend_unanswered`).
+At least once means end to end, too: a user's latest event that the Bitrix service never
+answered (its job lost with Redis's data, its reply lost) is sent again after
+``sync_resend_after_s``, with the same message_id, and again after twice as long, until an
+answer comes (`resend_unanswered`).
+
+Beyond the Bitrix service's own attempts, users whose latest change failed for a transient
+reason are sent again by the relay as new events, when their retry is due (`retry_due`); while
+retries wait, one goes early now and then as a probe of the portal. Both sweeps run under the
+relay lock, so one relay does them at a time.
 
 A relay is woken by NOTIFY from the write transactions (a raw asyncpg LISTEN connection) and
 polls every ``outbox_poll_interval_s`` in case a notification was missed.
@@ -32,13 +38,14 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg  # type: ignore[import-untyped]
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from b24sync.contracts import UserPayload
 from b24sync.core.backoff import Backoff
 from b24sync.core.db import asyncpg_dsn
 from b24sync.core.outbox import repository
 from b24sync.core.outbox.repository import PendingEvent
+from b24sync.core.sync.service import resync_service
 from b24sync.logs import get_logger
 from b24sync.messaging import ConfirmedPublisher, describe_url
 from b24sync.settings import Settings
@@ -48,6 +55,8 @@ log = get_logger(__name__)
 PUBLISH_TIMEOUT_S = 10.0
 # Unanswered events are looked for every sync_resend_after_s / 2, and at least this often.
 RESEND_CHECK_MAX_INTERVAL_S = 60.0
+# Users whose retry is due are looked for this often.
+RETRY_CHECK_INTERVAL_S = 1.0
 
 
 def waves(events: list[PendingEvent]) -> list[list[PendingEvent]]:
@@ -68,23 +77,26 @@ def waves(events: list[PendingEvent]) -> list[list[PendingEvent]]:
 _USER_KEYS = tuple(UserPayload.model_fields)
 
 
-def wire_body(stored: dict[str, Any]) -> dict[str, Any]:
-    """The stored event in the contract's key order (jsonb keeps its own order).
+def wire_body(stored: dict[str, Any], bitrix_lead_id: int | None) -> dict[str, Any]:
+    """The stored event in the contract's key order (jsonb keeps its own order), with the
+    user's lead id as it is now: one learnt after the event was recorded goes out with it.
 
     Core wrote the body through the contract's model (`Event.wire`), so only the order needs
     restoring, not a second validation; that is one model build less per event on the relay.
     """
     try:
         data = stored["data"]
-        user = data["user"]
-        return {
-            "pattern": stored["pattern"],
-            "data": {
-                "action": data["action"],
-                "user": {key: user[key] for key in _USER_KEYS if key in user},
-                "replyQueue": data["replyQueue"],
-            },
+        user = {**data["user"], "bitrix_lead_id": bitrix_lead_id}
+        body: dict[str, Any] = {
+            "action": data["action"],
+            "user": {key: user[key] for key in _USER_KEYS if key in user},
+            "replyQueue": data["replyQueue"],
         }
+        if "changed" in data:
+            body["changed"] = data["changed"]
+        if data.get("force"):
+            body["force"] = True
+        return {"pattern": stored["pattern"], "data": body}
     except (KeyError, TypeError):
         return stored  # only Core writes the outbox; never hold the queue up over one event
 
@@ -104,6 +116,9 @@ class Relay:
         # Set once the lanes are first connected; later outages are the robust connections' job.
         self.connected = asyncio.Event()
         self._next_resend_check = 0.0
+        self._next_retry_check = 0.0
+        self._last_retry_sent = 0.0
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
 
     async def run(self) -> None:
         """Publishes until cancelled; failures (broker or database down) only delay it."""
@@ -114,6 +129,7 @@ class Relay:
                 self._wakeup.clear()
                 try:
                     await self._resend_when_due()
+                    await self._retry_when_due()
                     while await self.publish_batch() >= self.settings.outbox_batch_size:
                         pass
                 except Exception as exc:
@@ -153,10 +169,10 @@ class Relay:
             )
 
     async def resend_unanswered(self) -> int:
-        """Queues again the latest event of every user whose change got no answer (the user is
-        still pending) long after it was published: a job lost with Redis's data, a reply
-        lost on the way. The same message_id comes back, so a job still in BullMQ is not
-        duplicated, and re-applying a version to its lead changes nothing. Returns how many."""
+        """Queues again every user's latest published event that got no answer long after it
+        was published: a job lost with Redis's data, a reply lost on the way. The same
+        message_id comes back, so a job still in BullMQ is not duplicated, and re-applying a
+        version to its lead changes nothing. Returns how many."""
         total = 0
         while True:  # a chunk per transaction
             async with repository.relay_transaction(self.engine) as transaction:
@@ -166,6 +182,27 @@ class Relay:
             total += count
             if count < self.settings.outbox_batch_size:
                 return total
+
+    async def _retry_when_due(self) -> None:
+        if self.settings.sync_retry_initial_s <= 0:
+            return
+        now = asyncio.get_running_loop().time()
+        if now < self._next_retry_check:
+            return
+        self._next_retry_check = now + RETRY_CHECK_INTERVAL_S
+        probe = now - self._last_retry_sent >= self.settings.sync_retry_probe_s
+        if total := await self.retry_due(probe=probe):
+            self._last_retry_sent = now
+            log.info("[Core] Sending again users whose last change failed", users=total)
+
+    async def retry_due(self, *, probe: bool = False) -> int:
+        """Sends again the users whose retry is due (a bounded number), or with `probe` and
+        none due, the one whose retry comes next; returns how many (none while another relay
+        holds the lock: it does this too)."""
+        async with self._sessions() as session, session.begin():
+            if not await repository.try_relay_lock(session):
+                return 0
+            return await resync_service.retry_due(session, self.settings, probe=probe)
 
     async def publish_batch(self) -> int:
         """Publishes one batch of pending events; returns how many went out (none while
@@ -179,7 +216,11 @@ class Relay:
         published: list[UUID] = []
         failure: BaseException | None = None
         async with repository.relay_transaction(self.engine) as transaction:
-            events = await repository.claim_batch(transaction, self.settings.outbox_batch_size)
+            events = await repository.claim_batch(
+                transaction,
+                self.settings.outbox_batch_size,
+                hold=self.settings.hold_until_lead_id,
+            )
             for wave in waves(events):
                 results = await asyncio.gather(
                     *(
@@ -215,7 +256,7 @@ class Relay:
 
     async def _publish(self, event: PendingEvent, lane: ConfirmedPublisher) -> None:
         # Encoded once, for the log line and the message alike.
-        text = json.dumps(wire_body(event.body), ensure_ascii=False)
+        text = json.dumps(wire_body(event.body, event.bitrix_lead_id), ensure_ascii=False)
         message_id = str(event.id)
         log.info("[Core] About to emit message to BITRIX_SERVICE: " + text, message_id=message_id)
         async with asyncio.timeout(PUBLISH_TIMEOUT_S):

@@ -8,14 +8,19 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from sqlalchemy import bindparam, text
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from b24sync.contracts import Pattern
 from b24sync.core.db import DRIVER_CONNECTION_ERRORS
+from b24sync.core.models import AnswerStatus, OutboxEvent
+
+if TYPE_CHECKING:
+    from b24sync.core.outbox.service import EventDraft
 
 # Channel the write transactions NOTIFY and the relays LISTEN on.
 NOTIFY_CHANNEL = "b24sync_outbox"
@@ -24,14 +29,18 @@ RELAY_LOCK_KEY = 0x6232_3473_796E_63  # "b24sync"
 
 Driver = Any  # an asyncpg connection (asyncpg has no type hints)
 
-# One round trip: the event row and the wake-up call. NOTIFY is delivered only on commit, so
-# a relay never wakes up for an event it cannot see yet.
+# One round trip: the event rows, in the order given, and one wake-up call. NOTIFY is
+# delivered only on commit, so a relay never wakes up for an event it cannot see yet.
 _INSERT_AND_NOTIFY = text(
-    "WITH event AS ("
-    " INSERT INTO outbox_events (id, user_id, pattern, body)"
-    " VALUES (:id, :user_id, :pattern, :body) RETURNING seq"
-    ") SELECT pg_notify(:channel, '') FROM event"
-).bindparams(bindparam("body", type_=JSONB), bindparam("channel", NOTIFY_CHANNEL))
+    "WITH events AS ("
+    " INSERT INTO outbox_events (id, user_id, pattern, version, body)"
+    " SELECT id, user_id, pattern, version, body::jsonb FROM unnest("
+    "  CAST(:ids AS uuid[]), CAST(:user_ids AS bigint[]), CAST(:patterns AS text[]),"
+    "  CAST(:versions AS integer[]), CAST(:bodies AS text[])"
+    " ) WITH ORDINALITY AS item (id, user_id, pattern, version, body, position)"
+    " ORDER BY position RETURNING 1"
+    ") SELECT pg_notify(:channel, '') WHERE EXISTS (SELECT FROM events)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,14 +49,138 @@ class PendingEvent:
     seq: int
     user_id: int
     body: dict[str, Any]
+    # The user's lead id when the event was claimed: the one the event goes out with.
+    bitrix_lead_id: int | None = None
 
 
-async def add(
-    session: AsyncSession, *, event_id: UUID, user_id: int, pattern: str, body: dict[str, Any]
-) -> None:
+async def add(session: AsyncSession, events: Sequence[tuple[int, EventDraft]]) -> None:
+    """Inserts each user's event, in the order given, and wakes the relay."""
+    if not events:
+        return
     await session.execute(
         _INSERT_AND_NOTIFY,
-        {"id": event_id, "user_id": user_id, "pattern": pattern, "body": body},
+        {
+            "ids": [draft.id for _, draft in events],
+            "user_ids": [user_id for user_id, _ in events],
+            "patterns": [draft.pattern.value for _, draft in events],
+            "versions": [draft.version for _, draft in events],
+            "bodies": [json.dumps(draft.body, ensure_ascii=False) for _, draft in events],
+            "channel": NOTIFY_CHANNEL,
+        },
+    )
+
+
+async def wake_relay(session: AsyncSession) -> None:
+    """Wakes the relay when the transaction commits (something became ready to send)."""
+    await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+
+
+async def try_relay_lock(session: AsyncSession) -> bool:
+    """Takes the relay lock for the rest of the transaction, unless another relay holds it."""
+    taken = await session.scalar(
+        text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": RELAY_LOCK_KEY}
+    )
+    return bool(taken)
+
+
+async def supersede_held(session: AsyncSession, user_ids: Sequence[int]) -> None:
+    """Marks the users' updates and moves that never went out as superseded: never sent."""
+    await session.execute(
+        update(OutboxEvent)
+        .where(
+            OutboxEvent.user_id.in_(user_ids),
+            OutboxEvent.published_at.is_(None),
+            OutboxEvent.answered_at.is_(None),
+            OutboxEvent.resends == 0,
+            OutboxEvent.pattern != Pattern.USER_CREATED.value,
+        )
+        .values(
+            answered_at=text("now()"),
+            answer_status=AnswerStatus.SUPERSEDED.value,
+            answer_reason="never sent: a create carrying its change took its place",
+        )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AnsweredEvent:
+    """An event as the reply rules need it."""
+
+    id: UUID
+    user_id: int
+    pattern: Pattern
+    version: int
+    published_at: datetime | None
+    answer_status: str | None
+
+
+_ANSWERED_EVENT_COLUMNS = (
+    OutboxEvent.id,
+    OutboxEvent.user_id,
+    OutboxEvent.pattern,
+    OutboxEvent.version,
+    OutboxEvent.published_at,
+    OutboxEvent.answer_status,
+)
+
+
+def _answered_event(row: Any) -> AnsweredEvent:
+    return AnsweredEvent(
+        id=row.id,
+        user_id=row.user_id,
+        pattern=Pattern(row.pattern),
+        version=row.version,
+        published_at=row.published_at,
+        answer_status=row.answer_status,
+    )
+
+
+async def get_event(session: AsyncSession, event_id: UUID) -> AnsweredEvent | None:
+    row = (
+        await session.execute(select(*_ANSWERED_EVENT_COLUMNS).where(OutboxEvent.id == event_id))
+    ).one_or_none()
+    return _answered_event(row) if row is not None else None
+
+
+async def oldest_unanswered(
+    session: AsyncSession, user_id: int, pattern: Pattern | None, version: int | None
+) -> AnsweredEvent | None:
+    """The user's oldest event that went out and got no answer yet, of that pattern and
+    version when given (the rule that ties a reply without a correlation id to an event).
+
+    A reply can come back before the relay that sent its event has committed it as published:
+    the user's unanswered events are locked first, which waits for such a relay, and the
+    search that follows sees what it committed."""
+    await session.execute(
+        select(OutboxEvent.id)
+        .where(OutboxEvent.user_id == user_id, OutboxEvent.answered_at.is_(None))
+        .with_for_update()
+    )
+    statement = (
+        select(*_ANSWERED_EVENT_COLUMNS)
+        .where(
+            OutboxEvent.user_id == user_id,
+            OutboxEvent.answered_at.is_(None),
+            OutboxEvent.published_at.is_not(None) | (OutboxEvent.resends > 0),
+        )
+        .order_by(OutboxEvent.seq)
+        .limit(1)
+    )
+    if pattern is not None:
+        statement = statement.where(OutboxEvent.pattern == pattern.value)
+    if version is not None:
+        statement = statement.where(OutboxEvent.version == version)
+    row = (await session.execute(statement)).one_or_none()
+    return _answered_event(row) if row is not None else None
+
+
+async def record_answer(
+    session: AsyncSession, event_id: UUID, status: AnswerStatus, reason: str | None
+) -> None:
+    await session.execute(
+        update(OutboxEvent)
+        .where(OutboxEvent.id == event_id)
+        .values(answered_at=text("now()"), answer_status=status.value, answer_reason=reason)
     )
 
 
@@ -59,10 +192,16 @@ async def add(
 # relay holds the lock, no event is even read. The statement's snapshot predates the lock, so
 # events the previous holder has just marked published may look pending to it: FOR UPDATE
 # rechecks the latest version of each row against the WHERE clause and skips those.
+# Each event goes out with its user's lead id as it is now, read in the same statement. With
+# $3 (hold mode) an update or a move of a user whose lead id is not known yet stays in the
+# outbox until the create's reply brings it; a user's later events are held with it.
 _CLAIM_BATCH = (
-    "SELECT id, seq, user_id, body::text AS body FROM outbox_events"
-    " WHERE published_at IS NULL AND (SELECT pg_try_advisory_xact_lock($1))"
-    " ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED"
+    "SELECT e.id, e.seq, e.user_id, e.body::text AS body, u.bitrix_lead_id"
+    " FROM outbox_events AS e JOIN users AS u ON u.id = e.user_id"
+    " WHERE e.published_at IS NULL AND e.answered_at IS NULL"
+    " AND (SELECT pg_try_advisory_xact_lock($1))"
+    " AND (NOT $3::boolean OR e.pattern = 'user_created' OR u.bitrix_lead_id IS NOT NULL)"
+    " ORDER BY e.seq LIMIT $2 FOR UPDATE OF e SKIP LOCKED"
 )
 # One array parameter rather than IN (...): the same prepared statement whatever the batch size.
 _MARK_PUBLISHED = (
@@ -70,20 +209,23 @@ _MARK_PUBLISHED = (
 )
 
 
-# The latest event of each user still waiting for an answer, published long enough ago, is
-# marked unpublished again: the relay sends it once more with the same message_id. The wait
-# doubles with every resend, up to a day. Under the relay lock, so one relay does it at a time.
+# A user's latest event that went out, when it got no answer long enough after it was
+# published, is marked unpublished again: the relay sends it once more with the same
+# message_id. The wait doubles with every resend, up to a day. An older unanswered event is
+# left alone: the later one carries its changes. Under the relay lock, so one relay does it at
+# a time.
 _REQUEUE_UNANSWERED = """
 UPDATE outbox_events SET published_at = NULL, resends = resends + 1
 WHERE id IN (
-    SELECT latest.id FROM users
-    CROSS JOIN LATERAL (
-        SELECT id, published_at, resends FROM outbox_events
-        WHERE user_id = users.id ORDER BY seq DESC LIMIT 1
-    ) AS latest
-    WHERE users.sync_status = 'pending'
-      AND latest.published_at
-          < now() - make_interval(secs => least($2 * power(2, latest.resends), 86400))
+    SELECT e.id FROM outbox_events AS e
+    WHERE e.answered_at IS NULL
+      AND e.published_at < now() - make_interval(secs => $2)
+      AND e.published_at < now() - make_interval(secs => least($2 * power(2, e.resends), 86400))
+      AND NOT EXISTS (
+          SELECT FROM outbox_events AS later
+          WHERE later.user_id = e.user_id AND later.seq > e.seq
+            AND (later.published_at IS NOT NULL OR later.resends > 0)
+      )
       AND (SELECT pg_try_advisory_xact_lock($1))
     LIMIT $3
 )
@@ -105,18 +247,22 @@ async def relay_transaction(engine: AsyncEngine) -> AsyncIterator[Driver]:
             raise
 
 
-async def claim_batch(driver: Driver, limit: int) -> list[PendingEvent]:
+async def claim_batch(driver: Driver, limit: int, *, hold: bool = False) -> list[PendingEvent]:
     """Takes the relay lock and the first `limit` pending events in seq order, locked until
-    the transaction ends; none while another relay holds the lock (it publishes ours too)."""
-    rows = await driver.fetch(_CLAIM_BATCH, RELAY_LOCK_KEY, limit)
+    the transaction ends; none while another relay holds the lock (it publishes ours too).
+    With `hold`, updates and moves of users without a lead id stay behind."""
+    rows = await driver.fetch(_CLAIM_BATCH, RELAY_LOCK_KEY, limit, hold)
     return [
-        PendingEvent(id=row[0], seq=row[1], user_id=row[2], body=json.loads(row[3])) for row in rows
+        PendingEvent(
+            id=row[0], seq=row[1], user_id=row[2], body=json.loads(row[3]), bitrix_lead_id=row[4]
+        )
+        for row in rows
     ]
 
 
 _BACKLOG = text(
     "SELECT count(*), extract(epoch FROM now() - min(created_at))"
-    " FROM outbox_events WHERE published_at IS NULL"
+    " FROM outbox_events WHERE published_at IS NULL AND answered_at IS NULL"
 )
 
 

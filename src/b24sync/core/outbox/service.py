@@ -2,18 +2,82 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID, uuid4
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from b24sync.contracts import ACTION_BY_PATTERN, Event, EventData, Pattern, UserPayload
+from b24sync.contracts import ACTION_BY_PATTERN, Event, EventData, Pattern, UserField, UserPayload
 from b24sync.core.models import User
 from b24sync.core.outbox import repository
 
 
-def build_event(user: User, pattern: Pattern, reply_queue: str) -> Event:
+class UserState(Protocol):
+    """What an event is built from: a user's row, or a new user's values (`NewUserState`)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def full_name(self) -> str: ...
+    @property
+    def phone(self) -> str: ...
+    @property
+    def stage(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def bitrix_lead_id(self) -> int | None: ...
+    @property
+    def synced_version(self) -> int | None: ...
+    @property
+    def full_name_version(self) -> int: ...
+    @property
+    def phone_version(self) -> int: ...
+    @property
+    def stage_version(self) -> int: ...
+    @property
+    def sync_force(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class NewUserState:
+    """A user about to be inserted: version 1, nothing confirmed, no lead. Its id is assigned
+    by the insert, which writes it into the stored event (`UserRepository.create`); until then
+    the event carries a stand-in."""
+
+    full_name: str
+    phone: str
+    stage: str
+    id: int = 1
+    version: int = 1
+    bitrix_lead_id: int | None = None
+    synced_version: int | None = None
+    full_name_version: int = 1
+    phone_version: int = 1
+    stage_version: int = 1
+    sync_force: bool = False
+
+
+def changed_fields(user: UserState, *, force: bool = False) -> list[UserField]:
+    """The fields an event for the user's current version carries: those changed since the
+    version Bitrix24 last confirmed (changes of failed or unanswered events included), and all
+    of them when none was confirmed yet or the whole user is restated."""
+    if force or user.synced_version is None:
+        return list(UserField)
+    return [
+        field
+        for field in UserField
+        if getattr(user, f"{field.value}_version") > user.synced_version
+    ]
+
+
+def build_event(
+    user: UserState, pattern: Pattern, reply_queue: str, *, force: bool = False
+) -> Event:
+    """The event for the user as it is now."""
+    force = force or user.sync_force
     return Event(
         pattern=pattern,
         data=EventData(
@@ -26,7 +90,9 @@ def build_event(user: User, pattern: Pattern, reply_queue: str) -> Event:
                 version=user.version,
                 bitrix_lead_id=user.bitrix_lead_id,
             ),
-            reply_queue=reply_queue,
+            replyQueue=reply_queue,
+            changed=changed_fields(user, force=force),
+            force=force,
         ),
     )
 
@@ -35,22 +101,38 @@ def build_event(user: User, pattern: Pattern, reply_queue: str) -> Event:
 class EventDraft:
     id: UUID
     pattern: Pattern
+    version: int
     body: dict[str, Any]
 
 
 class OutboxService:
-    def draft(self, user: User, pattern: Pattern, reply_queue: str) -> EventDraft:
-        return EventDraft(uuid4(), pattern, build_event(user, pattern, reply_queue).wire())
+    def draft(
+        self, user: UserState, pattern: Pattern, reply_queue: str, *, force: bool = False
+    ) -> EventDraft:
+        event = build_event(user, pattern, reply_queue, force=force)
+        return EventDraft(uuid4(), pattern, user.version, event.wire())
 
     async def record(
-        self, session: AsyncSession, user: User, pattern: Pattern, reply_queue: str
-    ) -> UUID:
-        """Adds the event to the caller's transaction: it commits (or not) with the change."""
-        event = self.draft(user, pattern, reply_queue)
-        await repository.add(
-            session, event_id=event.id, user_id=user.id, pattern=pattern.value, body=event.body
-        )
-        return event.id
+        self,
+        session: AsyncSession,
+        changes: Sequence[tuple[User, Pattern]],
+        reply_queue: str,
+        *,
+        force: bool = False,
+    ) -> list[UUID]:
+        """Adds an event for each user, in the order given, to the caller's transaction: they
+        commit (or not) with the change."""
+        drafts = [
+            (user.id, self.draft(user, pattern, reply_queue, force=force))
+            for user, pattern in changes
+        ]
+        await repository.add(session, drafts)
+        return [draft.id for _, draft in drafts]
+
+    async def supersede_held(self, session: AsyncSession, user_ids: Sequence[int]) -> None:
+        """Held-back updates and moves of users now sent as a create are never sent: the
+        create carries their changes (see `hold_until_lead_id`)."""
+        await repository.supersede_held(session, user_ids)
 
 
 outbox_service = OutboxService()

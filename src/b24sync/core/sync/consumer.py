@@ -20,8 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from b24sync.contracts import MalformedMessageError, parse_reply
 from b24sync.core.sync.service import Outcome, reply_service
-from b24sync.logs import get_logger
-from b24sync.messaging import QueueType, durable_queue
+from b24sync.logs import get_logger, shorten
+from b24sync.messaging import durable_queue
+from b24sync.settings import Settings
 
 log = get_logger(__name__)
 
@@ -31,33 +32,43 @@ _LOGGED_BODY_CHARS = 2000
 _TRANSIENT = (OperationalError, InterfaceError, OSError, TimeoutError)
 
 
-async def handle_reply(body: bytes, sessionmaker: async_sessionmaker[AsyncSession]) -> bool:
-    """Applies one reply; returns False when it should be retried later."""
-    text = body[:_LOGGED_BODY_CHARS].decode("utf-8", errors="replace")
-    log.info(f"[Core] Bitrix Response Received: {text}")
+async def handle_reply(
+    body: bytes,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    *,
+    correlation_id: str | None = None,
+) -> bool:
+    """Applies one reply (`correlation_id`: the AMQP property, the id of the event it answers,
+    when the sender set it); returns False when it should be retried later."""
+    text = body.decode("utf-8", errors="replace")
+    log.info(f"[Core] Bitrix Response Received: {shorten(text, _LOGGED_BODY_CHARS)}")
     try:
         reply = parse_reply(body)
     except MalformedMessageError as exc:
         log.warning("[Core] Malformed reply dropped", reason=str(exc))
         return True
+    user_id = reply.target_user_id
     try:
         async with sessionmaker() as session, session.begin():
-            outcome = await reply_service.apply(session, reply)
+            outcome = await reply_service.apply(
+                session, settings, reply, correlation_id=correlation_id
+            )
     except _TRANSIENT as exc:
         log.warning("[Core] Reply not applied, database unavailable; will retry", error=exc)
         return False
     except DBAPIError as exc:
-        log.error(
-            "[Core] Reply rejected by the database, dropped", user_id=reply.user.id, error=exc
-        )
+        log.error("[Core] Reply rejected by the database, dropped", user_id=user_id, error=exc)
         return True
-    log_method = log.info if outcome in (Outcome.APPLIED, Outcome.UNCHANGED) else log.warning
+    quiet = (Outcome.APPLIED, Outcome.UNCHANGED, Outcome.DUPLICATE)
+    log_method = log.info if outcome in quiet else log.warning
     log_method(
         "[Core] Reply processed",
         outcome=outcome.value,
-        user_id=reply.user.id,
+        user_id=user_id,
         status=reply.status.value,
-        version=reply.user.version,
+        version=reply.version,
+        correlation_id=correlation_id,
     )
     return True
 
@@ -69,16 +80,21 @@ async def _raw_body(message: StreamMessage[Any]) -> bytes:
 
 def register_reply_consumer(
     broker: RabbitBroker,
-    queue: str,
-    queue_type: QueueType,
+    settings: Settings,
     sessionmaker: async_sessionmaker[AsyncSession],
 ) -> None:
     @broker.subscriber(
-        durable_queue(queue, queue_type), ack_policy=AckPolicy.MANUAL, decoder=_raw_body
+        durable_queue(settings.rabbitmq_reply_queue, settings.rabbitmq_queue_type),
+        ack_policy=AckPolicy.MANUAL,
+        decoder=_raw_body,
     )
     async def on_reply(message: RabbitMessage) -> None:
+        # FastStream makes a correlation id up when the message has none: read the real one.
+        correlation_id = message.raw_message.correlation_id
         try:
-            done = await handle_reply(message.body, sessionmaker)
+            done = await handle_reply(
+                message.body, sessionmaker, settings, correlation_id=correlation_id
+            )
         except Exception as exc:  # a bug must not stall the queue or the consumer
             log.exception("[Core] Reply handling failed, dropped", error=exc)
             done = True

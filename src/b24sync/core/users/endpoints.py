@@ -8,6 +8,7 @@ from fastapi import APIRouter, Body, Path, Query, Response, status
 
 from b24sync.core.dependencies import SessionDep, SettingsDep
 from b24sync.core.models import SyncStatus
+from b24sync.core.sync.service import resync_service
 from b24sync.core.users.schemas import (
     CREATE_EXAMPLE,
     MOVE_EXAMPLE,
@@ -20,7 +21,7 @@ from b24sync.core.users.schemas import (
     UserRead,
     UserUpdate,
 )
-from b24sync.core.users.service import user_service
+from b24sync.core.users.service import UserNotFoundError, user_service
 
 router = APIRouter(prefix="/users", tags=["users"])
 
@@ -139,3 +140,26 @@ async def move_user(
     ],
 ) -> UserRead:
     return UserRead.from_user(await user_service.move(session, settings, id, data))
+
+
+@router.post(
+    "/{id}/resync",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=UserRead,
+    summary="Send the user again as it is now",
+    responses={404: _ERRORS[404]},
+)
+async def resync_user(
+    id: UserId,
+    session: SessionDep,
+    settings: SettingsDep,
+    force: Annotated[
+        bool,
+        Query(description="every field, applied even over a version Bitrix24 holds as newer"),
+    ] = False,
+) -> UserRead:
+    """A new event (a create while the lead id is unknown, an update otherwise); the user is
+    pending until its answer. For a failure that waits for a change, or a lead edited by hand."""
+    if not await resync_service.resync(session, settings, [id], force=force):
+        raise UserNotFoundError(id)
+    return UserRead.from_user(await user_service.get(session, id))

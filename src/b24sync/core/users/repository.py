@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -18,7 +19,18 @@ from b24sync.core.outbox.repository import NOTIFY_CHANNEL
 from b24sync.core.outbox.service import EventDraft
 
 _USER_COLUMNS = [column.name for column in User.__table__.columns]
-# Users and their `user_created` events, any number in one statement; the relay is woken once.
+# A change, or the success of its latest version, starts the sync state afresh: no error, no
+# retry waiting or counted.
+FRESH_SYNC_STATE: dict[str, Any] = {
+    "sync_error": None,
+    "sync_error_code": None,
+    "sync_retryable": None,
+    "sync_attempts": 0,
+    "sync_retries": 0,
+    "next_sync_at": None,
+}
+# Users and their `user_created` events (version 1), any number in one statement; the relay is
+# woken once.
 # Ids are drawn up front so each event can carry its user's id and each row find its caller.
 # The statement goes straight through the driver (asyncpg's prepared-statement cache): on the
 # hottest path SQLAlchemy's statement execution cost more CPU than the round trip itself.
@@ -33,8 +45,8 @@ WITH input AS (
     SELECT id, full_name, phone, stage FROM input ORDER BY position
     RETURNING *
 ), events AS (
-    INSERT INTO outbox_events (id, user_id, pattern, body)
-    SELECT event_id, id, pattern, jsonb_set(body::jsonb, '{data,user,id}', to_jsonb(id))
+    INSERT INTO outbox_events (id, user_id, pattern, version, body)
+    SELECT event_id, id, pattern, 1, jsonb_set(body::jsonb, '{data,user,id}', to_jsonb(id))
     FROM input ORDER BY position
 ), wake AS (
     SELECT pg_notify($7, '')
@@ -127,17 +139,19 @@ class UserRepository:
         return result.one_or_none()
 
     async def update_fields(self, user_id: int, values: dict[str, Any]) -> User:
-        """Applies a change made through the API: bumps the version, resets the sync state."""
+        """Applies a change made through the API: bumps the version (and each changed field's),
+        starts the sync state afresh. A forced restatement still pending stays forced."""
+        field_versions = {f"{field}_version": User.version + 1 for field in values}
         statement = (
             update(User)
             .where(User.id == user_id)
             .values(
                 **values,
+                **field_versions,
                 version=User.version + 1,
                 sync_status=SyncStatus.PENDING.value,
-                sync_error=None,
-                sync_attempts=0,
                 updated_at=func.now(),
+                **FRESH_SYNC_STATE,
             )
             .returning(User)
         )
@@ -149,6 +163,81 @@ class UserRepository:
     async def update_sync_state(self, user_id: int, values: dict[str, Any]) -> None:
         """Records what Bitrix24 answered; never touches the user's own data or version."""
         await self.session.execute(update(User).where(User.id == user_id).values(**values))
+
+    async def lock_many(self, user_ids: Sequence[int]) -> Sequence[User]:
+        """The users that exist among `user_ids`, locked, in id order (so that two callers
+        locking overlapping sets wait for each other instead of deadlocking)."""
+        result = await self.session.scalars(
+            select(User).where(User.id.in_(user_ids)).order_by(User.id).with_for_update(),
+            execution_options={"populate_existing": True},
+        )
+        return result.all()
+
+    async def mark_sent_again(self, user_ids: Sequence[int], *, retry: bool, force: bool) -> None:
+        """The users were sent again (a new event each): pending until that event's answer. A
+        retry counts; a resync starts the count afresh. The last error stays on show. A forced
+        restatement stays forced until a success."""
+        values: dict[str, Any] = {
+            "sync_status": SyncStatus.PENDING.value,
+            "next_sync_at": None,
+            "sync_retries": User.sync_retries + 1 if retry else 0,
+        }
+        if force:
+            values["sync_force"] = True
+        await self.session.execute(update(User).where(User.id.in_(user_ids)).values(**values))
+
+    async def lock_retries(self, limit: int, *, due: bool = True) -> Sequence[int]:
+        """Up to `limit` users whose retry is due (or, with `due=False`, whose retry waits at
+        all), earliest first; locked, skipping users locked by someone else."""
+        statement = (
+            select(User.id)
+            .where(User.next_sync_at.is_not(None))
+            .order_by(User.next_sync_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        if due:
+            statement = statement.where(User.next_sync_at <= func.now())
+        return (await self.session.scalars(statement)).all()
+
+    async def pull_retries_forward(self, failed_before: datetime | None, limit: int) -> int:
+        """Makes up to `limit` waiting retries of users that failed before `failed_before`
+        (now when None) due now, earliest first (users locked by someone else are left for
+        another time); returns how many."""
+        before = failed_before if failed_before is not None else func.now()
+        waiting = (
+            select(User.id)
+            .where(User.next_sync_at > func.now(), User.sync_failed_at < before)
+            .order_by(User.next_sync_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        result = await self.session.execute(
+            update(User)
+            .where(User.id.in_(waiting.scalar_subquery()))
+            .values(next_sync_at=func.now())
+            .returning(User.id)
+        )
+        return len(result.all())
+
+    async def existing_ids(self, user_ids: Sequence[int]) -> Sequence[int]:
+        """The ids among `user_ids` that name a user."""
+        return (await self.session.scalars(select(User.id).where(User.id.in_(user_ids)))).all()
+
+    async def page_of_ids(
+        self, after_id: int, limit: int, *, sync_status: SyncStatus | None = None
+    ) -> Sequence[int]:
+        """The next `limit` user ids after `after_id` in id order (of that status when given):
+        whole tables read in pages."""
+        statement = select(User.id).where(User.id > after_id).order_by(User.id).limit(limit)
+        if sync_status is not None:
+            statement = statement.where(User.sync_status == sync_status.value)
+        return (await self.session.scalars(statement)).all()
+
+    async def page(self, after_id: int, limit: int) -> Sequence[User]:
+        """The next `limit` users after `after_id` in id order: the whole table read in pages."""
+        statement = select(User).where(User.id > after_id).order_by(User.id).limit(limit)
+        return (await self.session.scalars(statement)).all()
 
     async def count_by_sync_status(self) -> dict[str, tuple[int, float | None]]:
         """For each sync status: how many users, and how long ago (seconds, by the database's
@@ -163,6 +252,24 @@ class UserRepository:
         return {
             status: (count, float(age) if age is not None else None) for status, count, age in rows
         }
+
+    async def failures(self) -> tuple[int, int, float | None]:
+        """Failed users whose retry waits or is due, and those that wait for a change or a
+        resync; and in how many seconds the next retry is due (negative when overdue)."""
+        retrying, permanent = (
+            await self.session.execute(
+                select(
+                    func.count().filter(User.sync_retryable.is_(True)),
+                    func.count().filter(User.sync_retryable.is_not(True)),
+                ).where(User.sync_status == SyncStatus.FAILED.value)
+            )
+        ).one()
+        next_in_s = await self.session.scalar(
+            select(func.extract("epoch", func.min(User.next_sync_at) - func.now())).where(
+                User.next_sync_at.is_not(None)
+            )
+        )
+        return retrying, permanent, float(next_in_s) if next_in_s is not None else None
 
     async def list(
         self, *, stage: str | None, sync_status: str | None, limit: int, offset: int

@@ -86,9 +86,16 @@ class UserMove(BaseModel):
 
 class SyncState(BaseModel):
     status: SyncStatus
-    synced_version: int | None
-    error: str | None
-    attempts: int
+    synced_version: int | None = Field(description="the last version Bitrix24 confirmed")
+    error: str | None = Field(description="the last failure's reason")
+    error_code: str | None = Field(description="the last failure's Bitrix24 or service code")
+    retryable: bool | None = Field(
+        description="whether Core sends the user again by itself after that failure"
+    )
+    attempts: int = Field(description="attempts the Bitrix service made for the last answer")
+    retries: int = Field(description="times Core sent the user again since the last change")
+    next_retry_at: datetime | None = Field(description="when Core sends the user again")
+    failed_at: datetime | None = Field(description="when the last failure was answered")
     synced_at: datetime | None
 
 
@@ -107,7 +114,12 @@ class UserRead(BaseModel):
                         "status": "pending",
                         "synced_version": None,
                         "error": None,
+                        "error_code": None,
+                        "retryable": None,
                         "attempts": 0,
+                        "retries": 0,
+                        "next_retry_at": None,
+                        "failed_at": None,
                         "synced_at": None,
                     },
                     "created_at": "2026-01-01T00:00:00Z",
@@ -140,7 +152,12 @@ class UserRead(BaseModel):
                 status=SyncStatus(user.sync_status),
                 synced_version=user.synced_version,
                 error=user.sync_error,
+                error_code=user.sync_error_code,
+                retryable=user.sync_retryable,
                 attempts=user.sync_attempts,
+                retries=user.sync_retries,
+                next_retry_at=user.next_sync_at,
+                failed_at=user.sync_failed_at,
                 synced_at=user.synced_at,
             ),
             created_at=user.created_at,

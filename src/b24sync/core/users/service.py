@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from b24sync.contracts import Pattern
 from b24sync.core.exceptions import FieldValidationError, NotFoundError
 from b24sync.core.models import SyncStatus, User
-from b24sync.core.outbox.service import outbox_service
+from b24sync.core.outbox.service import NewUserState, outbox_service
 from b24sync.core.users.repository import NewUser, UserRepository
 from b24sync.core.users.schemas import UserCreate, UserMove, UserUpdate
 from b24sync.settings import Settings
@@ -50,9 +50,8 @@ class UserService:
         phone = normalize_phone(data.phone, settings.default_phone_region)
         stage = check_stage(data.stage or DEFAULT_STAGE, settings)
         repository = UserRepository(session)
-        # The id is not known before the insert: the repository writes it into the event.
-        unsaved = User(id=0, full_name=data.full_name, phone=phone, stage=stage, version=1)
-        event = outbox_service.draft(unsaved, Pattern.USER_CREATED, settings.rabbitmq_reply_queue)
+        new = NewUserState(full_name=data.full_name, phone=phone, stage=stage)
+        event = outbox_service.draft(new, Pattern.USER_CREATED, settings.rabbitmq_reply_queue)
         return await repository.create(NewUser(data.full_name, phone, stage, event))
 
     async def get(self, session: AsyncSession, user_id: int) -> User:
@@ -112,8 +111,19 @@ class UserService:
         if not changes:
             # Nothing changed: no new version, nothing for Bitrix24 to do.
             return user
+        # A Bitrix service that needs the lead id for an update or a move (hold mode) cannot
+        # use them while the user's create has failed: the change goes as a create instead,
+        # carrying every field, in place of the changes held back.
+        create_failed = (
+            settings.hold_until_lead_id
+            and user.bitrix_lead_id is None
+            and user.sync_status == SyncStatus.FAILED.value
+        )
         user = await repository.update_fields(user_id, changes)
-        await outbox_service.record(session, user, pattern, settings.rabbitmq_reply_queue)
+        if create_failed:
+            pattern = Pattern.USER_CREATED
+            await outbox_service.supersede_held(session, [user_id])
+        await outbox_service.record(session, [(user, pattern)], settings.rabbitmq_reply_queue)
         return user
 
 
