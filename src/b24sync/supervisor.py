@@ -25,17 +25,29 @@ _READY_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 30.0
 
 
+# The emulator's request limit for each BITRIX_PLAN.
+_PORTAL_LIMIT_BY_PLAN = {"standard": "standard", "enterprise": "enterprise", "unlimited": "off"}
+
+
 @dataclass
 class Service:
     name: str  # also the `b24sync` subcommand that runs it
     health_url: str
+    env: dict[str, str] = field(default_factory=dict)  # set for this child only
     process: asyncio.subprocess.Process | None = field(default=None, repr=False)
 
 
 def plan(settings: Settings) -> list[Service]:
     services = []
     if settings.bitrix_webhook_url is None:
-        services.append(Service("portal", f"http://127.0.0.1:{settings.portal_port}/healthz"))
+        # The emulator takes the Bitrix service's plan, so that their limits never disagree,
+        # unless PORTAL_RATE_LIMIT says otherwise.
+        env = (
+            {}
+            if "portal_rate_limit" in settings.model_fields_set
+            else {"PORTAL_RATE_LIMIT": _PORTAL_LIMIT_BY_PLAN[settings.bitrix_plan]}
+        )
+        services.append(Service("portal", f"http://127.0.0.1:{settings.portal_port}/healthz", env))
     services.append(Service("core", f"http://127.0.0.1:{settings.port}/healthz"))
     services.append(Service("bitrix", f"http://127.0.0.1:{settings.bitrix_http_port}/healthz"))
     return services
@@ -52,8 +64,10 @@ async def _pipe_output(name: str, process: asyncio.subprocess.Process) -> None:
         _say(name, raw.decode(errors="replace").rstrip())
 
 
-async def _spawn(command: str) -> asyncio.subprocess.Process:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+async def _spawn(
+    command: str, extra_env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -118,7 +132,7 @@ async def _supervise(settings: Settings) -> int:
     try:
         async with httpx.AsyncClient(timeout=2.0) as client:
             for service in services:
-                service.process = await _spawn(service.name)
+                service.process = await _spawn(service.name, service.env)
                 _say("run", f"started {service.name} (pid {service.process.pid})")
                 pipes.append(asyncio.create_task(_pipe_output(service.name, service.process)))
                 if not await _wait_healthy(service, client):

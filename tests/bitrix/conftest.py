@@ -27,7 +27,7 @@ FAST: dict[str, Any] = {
     "bitrix_timeout_s": 5.0,
     "bitrix_limit_wait_s": 0.05,
     "bitrix_operation_limit_wait_s": 0.1,
-    "user_lock_ttl_ms": 2000,
+    "user_lease_ttl_ms": 2000,
     "user_busy_delay_ms": 100,
     "shutdown_timeout_s": 5.0,
     "portal_rate_limit": "off",
@@ -42,9 +42,17 @@ LIMIT_ANSWERS = {
 
 
 def event(
-    action: str, user_id: int, *, reply_queue: str, version: int | None = None, **user: Any
+    action: str,
+    user_id: int,
+    *,
+    reply_queue: str,
+    version: int | None = None,
+    changed: list[str] | None = None,
+    force: bool = False,
+    **user: Any,
 ) -> dict[str, Any]:
-    """An event in the seed's envelope; `user` fields default to a complete user."""
+    """An event in the seed's envelope; `user` fields default to a complete user. `changed`
+    and `force` are sent as our Core sends them."""
     pattern = {"create_card": "user_created", "update_card": "user_updated"}.get(
         action, "user_moved"
     )
@@ -57,10 +65,12 @@ def event(
     }
     if version is not None:
         body_user["version"] = version
-    return {
-        "pattern": pattern,
-        "data": {"action": action, "user": body_user, "replyQueue": reply_queue},
-    }
+    data: dict[str, Any] = {"action": action, "user": body_user, "replyQueue": reply_queue}
+    if changed is not None:
+        data["changed"] = changed
+    if force:
+        data["force"] = True
+    return {"pattern": pattern, "data": data}
 
 
 class _NoMessageId(spec.Basic.Properties):
@@ -73,6 +83,25 @@ class _NoMessageId(spec.Basic.Properties):
     @message_id.setter
     def message_id(self, _value: object) -> None:
         pass
+
+
+async def publish(
+    channel: aio_pika.abc.AbstractChannel,
+    queue: str,
+    body: dict[str, Any] | bytes,
+    *,
+    message_id: str | None = None,
+) -> None:
+    """Publishes a persistent JSON message to `queue`; without `message_id` the message carries
+    none, as the seed's NestJS services (amqplib) send theirs."""
+    raw = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()
+    properties = (
+        _NoMessageId
+        if message_id is None
+        else functools.partial(spec.Basic.Properties, message_id=message_id)
+    )(content_type="application/json", delivery_mode=2)
+    underlay = await channel.get_underlay_channel()
+    await underlay.basic_publish(raw, exchange="", routing_key=queue, properties=properties)
 
 
 class Bus:
@@ -96,16 +125,7 @@ class Bus:
     async def publish(self, body: dict[str, Any] | bytes, *, message_id: str | None = None) -> None:
         """Publishes an event; without `message_id` the message carries none, as the seed's
         NestJS Core (amqplib) sends it."""
-        raw = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()
-        properties = (
-            _NoMessageId
-            if message_id is None
-            else functools.partial(spec.Basic.Properties, message_id=message_id)
-        )(content_type="application/json", delivery_mode=2)
-        channel = await self.channel.get_underlay_channel()
-        await channel.basic_publish(
-            raw, exchange="", routing_key=self.settings.rabbitmq_queue, properties=properties
-        )
+        await publish(self.channel, self.settings.rabbitmq_queue, body, message_id=message_id)
 
     async def reply_message(self, wait_s: float = 20.0) -> aio_pika.abc.AbstractIncomingMessage:
         return await asyncio.wait_for(self._replies.get(), wait_s)
@@ -147,6 +167,14 @@ class Admin:
         response.raise_for_status()
         stats: dict[str, Any] = response.json()
         return stats
+
+    async def calls(self, method: str | None = None) -> list[dict[str, Any]]:
+        """The latest calls the portal served (commands inside a batch each on their own),
+        all of them or those of one method."""
+        response = await self.http.get("/admin/calls")
+        response.raise_for_status()
+        calls: list[dict[str, Any]] = response.json()
+        return [call for call in calls if method is None or call["method"] == method]
 
     async def script(self, **entry: Any) -> None:
         response = await self.http.post("/admin/faults/script", json=entry)

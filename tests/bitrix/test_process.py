@@ -3,12 +3,8 @@ SIGTERM, and a worker killed in the middle of a job."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,98 +14,31 @@ import pytest
 from b24sync.portal.main import PortalServer
 from b24sync.settings import Settings
 from tests.conftest import eventually, free_port
+from tests.processes import BITRIX_READY, ServiceProcess, service_environment
 from tests.seed import SEED_CREATE
 
 from .conftest import Admin, Bus, event
-
-B24SYNC = str(Path(sys.executable).parent / "b24sync")
-
-
-class BitrixProcess:
-    """One `b24sync bitrix` process with its output collected line by line."""
-
-    def __init__(self, env: dict[str, str], cwd: Path) -> None:
-        self.env = env
-        self.cwd = cwd
-        self.lines: list[str] = []
-        self.process: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            B24SYNC,
-            "bitrix",
-            env=self.env,
-            cwd=self.cwd,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        self._reader = asyncio.create_task(self._read())
-        await self.wait_for("[Bitrix] Service started")
-
-    async def _read(self) -> None:
-        assert self.process is not None
-        assert self.process.stdout is not None
-        async for line in self.process.stdout:
-            self.lines.append(line.decode(errors="replace").rstrip())
-
-    async def wait_for(self, text: str, wait_s: float = 20.0) -> None:
-        async def printed() -> bool:
-            if self.process is not None and self.process.returncode is not None:
-                raise AssertionError(f"the process exited:\n{self.output}")
-            return text in self.output
-
-        await eventually(printed, wait_s)
-
-    async def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
-        assert self.process is not None
-        if self.process.returncode is None:
-            self.process.send_signal(sig)
-        code = await asyncio.wait_for(self.process.wait(), 30)
-        if self._reader is not None:
-            await self._reader
-        return code
 
 
 @pytest.fixture
 async def spawn(
     fast_settings: Settings, tmp_path: Path
-) -> AsyncIterator[Callable[..., BitrixProcess]]:
+) -> AsyncIterator[Callable[..., ServiceProcess]]:
     """Builds `b24sync bitrix` processes on this test's queues (`spawn(VARIABLE=value)`)."""
-    processes: list[BitrixProcess] = []
-    base_env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("BITRIX_", "RABBITMQ_", "REDIS_", "BULLMQ_", "JOB_", "PORTAL_"))
-    }
-    settings = fast_settings
-    base_env |= {
-        "RABBITMQ_URL": settings.rabbitmq_url,
-        "RABBITMQ_QUEUE": settings.rabbitmq_queue,
-        "RABBITMQ_REPLY_QUEUE": settings.rabbitmq_reply_queue,
-        "REDIS_URL": settings.redis_url,
-        "BULLMQ_PREFIX": settings.bullmq_prefix,
-        "PORTAL_PORT": str(settings.portal_port),
-        "LOG_LEVEL": "INFO",
-    }
+    processes: list[ServiceProcess] = []
 
-    def make(**env: Any) -> BitrixProcess:
-        full_env = base_env | {"BITRIX_HTTP_PORT": str(free_port())}
-        full_env |= {key: str(value) for key, value in env.items()}
-        process = BitrixProcess(full_env, tmp_path)
+    def make(**env: Any) -> ServiceProcess:
+        # Each process gets its own health port.
+        defaults = {"LOG_LEVEL": "INFO", "BITRIX_HTTP_PORT": str(free_port())}
+        overrides = {key: str(value) for key, value in env.items()}
+        full_env = service_environment(fast_settings, **(defaults | overrides))
+        process = ServiceProcess("bitrix", full_env, tmp_path, BITRIX_READY)
         processes.append(process)
         return process
 
     yield make
     for process in processes:
-        if process.process is not None and process.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.process.kill()
-            await process.process.wait()
+        await process.kill()
 
 
 def in_order(output: str, *fragments: str) -> None:
@@ -122,7 +51,7 @@ def in_order(output: str, *fragments: str) -> None:
 
 
 async def test_the_seed_retry_schedule_against_an_unreachable_portal(
-    spawn: Callable[..., BitrixProcess], bus: Bus, settings: Settings, redis_client: object
+    spawn: Callable[..., ServiceProcess], bus: Bus, settings: Settings, redis_client: object
 ) -> None:
     secret = "sj4byqtjd3p5j3wq"
     worker = spawn(
@@ -136,8 +65,7 @@ async def test_the_seed_retry_schedule_against_an_unreachable_portal(
     await bus.publish(body)
 
     reply = (await bus.reply(wait_s=30))["data"]
-    assert reply["status"] == "error"
-    assert reply["attempts"] == 3
+    assert (reply["status"], reply["attempts"], reply["retryable"]) == ("error", 3, True)
     assert reply["error_code"] == "NETWORK_ERROR"
     assert reply["reason"] == (
         "crm.lead.list: NETWORK_ERROR: cannot reach Bitrix24 (ConnectError: Connection refused)"
@@ -175,19 +103,19 @@ async def test_the_seed_retry_schedule_against_an_unreachable_portal(
 KILL_TIMINGS = {
     "JOB_LOCK_DURATION_MS": 1000,
     "JOB_STALLED_INTERVAL_MS": 500,
-    "USER_LOCK_TTL_MS": 1500,
+    "USER_LEASE_TTL_MS": 1500,
     "USER_BUSY_DELAY_MS": 200,
     "JOB_BACKOFF_MS": 50,
 }
 
 
 async def _kill_mid_call_and_restart(
-    spawn: Callable[..., BitrixProcess],
+    spawn: Callable[..., ServiceProcess],
     admin: Admin,
     bus: Bus,
     settings: Settings,
     **env: Any,
-) -> tuple[BitrixProcess, BitrixProcess]:
+) -> tuple[ServiceProcess, ServiceProcess]:
     """A worker dies with SIGKILL after the portal wrote the lead, before the answer; another
     worker starts. Returns both, the second still running."""
     first = spawn(**KILL_TIMINGS, **env)
@@ -209,7 +137,7 @@ async def _kill_mid_call_and_restart(
 
 
 async def test_a_worker_killed_mid_call_ends_in_one_lead_and_one_reply(
-    spawn: Callable[..., BitrixProcess],
+    spawn: Callable[..., ServiceProcess],
     portal: PortalServer,
     admin: Admin,
     bus: Bus,
@@ -231,7 +159,7 @@ async def test_a_worker_killed_mid_call_ends_in_one_lead_and_one_reply(
 
 
 async def test_a_job_that_stalls_too_often_is_answered_with_an_error(
-    spawn: Callable[..., BitrixProcess],
+    spawn: Callable[..., ServiceProcess],
     portal: PortalServer,
     admin: Admin,
     bus: Bus,

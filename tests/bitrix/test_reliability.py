@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import aio_pika
+import pytest
 from aio_pika.abc import AbstractQueue
 from bullmq import Queue
 from prometheus_client import REGISTRY
@@ -55,6 +56,8 @@ async def test_a_duplicate_message_id_makes_one_job(
     service: BitrixService, bus: Bus, admin: Admin, settings: Settings
 ) -> None:
     body = event("create_card", 11, reply_queue=settings.rabbitmq_reply_queue)
+    # The job is still being worked on when its message comes again.
+    await admin.script(method="crm.lead.list", kind="timeout_after_write", delay_s=1)
     await bus.publish(body, message_id="evt-11")
     await bus.publish(body, message_id="evt-11")
     reply = await bus.reply()
@@ -122,18 +125,20 @@ async def test_stale_events_are_skipped_and_never_overwrite(
 ) -> None:
     queue = settings.rabbitmq_reply_queue
     await bus.publish(event("create_card", 21, reply_queue=queue, version=1))
+    created = await bus.reply()
     await bus.publish(event("update_card", 21, reply_queue=queue, version=3, full_name="Три Три"))
+    newer = await bus.reply()
     await bus.publish(event("update_card", 21, reply_queue=queue, version=2, full_name="Два Два"))
-    created, newer, older = await bus.replies(3)
+    older = (await bus.reply())["data"]
 
     assert "skipped" not in newer["data"]
-    assert older["data"]["status"] == "success"
-    assert older["data"]["skipped"] is True
-    assert older["data"]["bitrix_lead_id"] == created["data"]["bitrix_lead_id"]
+    assert (older["status"], older["skipped"], older["applied_version"]) == ("success", True, 3)
+    assert older["reason"] == "version 2 is older than the applied version 3; nothing changed"
+    assert older["bitrix_lead_id"] == created["data"]["bitrix_lead_id"]
     (lead,) = await admin.leads()
     assert lead["TITLE"] == "Три Три"
 
-    # Redis lost what was applied: the portal lookup still finds the lead, the event is applied.
+    # Redis lost what was applied: the portal look-up still finds the lead, the event is applied.
     await redis_client.delete(f"{service.key_prefix}:user:21")
     await bus.publish(event("update_card", 21, reply_queue=queue, version=2, full_name="Два Два"))
     reply = await bus.reply()
@@ -178,7 +183,7 @@ async def test_a_permanent_error_is_answered_at_once_with_its_code(
     await bus.publish(event("create_card", 51, reply_queue=settings.rabbitmq_reply_queue))
     reply = (await bus.reply())["data"]
 
-    assert reply["status"] == "error"
+    assert (reply["status"], reply["retryable"]) == ("error", False)
     assert reply["error_code"] == "insufficient_scope"
     assert reply["reason"] == (
         "crm.lead.add: insufficient_scope: The request requires higher privileges than provided "
@@ -245,7 +250,7 @@ async def test_the_error_reply_comes_after_the_last_attempt(
     )
     await bus.publish(event("create_card", 62, reply_queue=settings.rabbitmq_reply_queue))
     reply = (await bus.reply())["data"]
-    assert (reply["status"], reply["attempts"]) == ("error", 3)
+    assert (reply["status"], reply["attempts"], reply["retryable"]) == ("error", 3, True)
     assert reply["error_code"] == "INTERNAL_SERVER_ERROR"
     await bus.assert_no_reply(within=0.5)
     assert await admin.leads() == []
@@ -301,40 +306,41 @@ async def test_bad_messages_are_answered_acked_and_do_not_stop_the_service(
     assert [lead["ORIGIN_ID"] for lead in await admin.leads()] == ["73"]
 
 
-async def test_a_busy_user_postpones_the_job_without_spending_an_attempt(
-    start_service: ServiceFactory,
-    portal: object,
+async def test_a_user_leased_by_another_process_waits_without_spending_an_attempt(
+    service: BitrixService,
     bus: Bus,
     admin: Admin,
     settings: Settings,
     redis_client: Redis,
 ) -> None:
-    service = await start_service(user_lock_wait_s=0.1, user_busy_delay_ms=100)
-    # Another process holds the user's lock for a while.
-    await redis_client.set(f"{service.key_prefix}:lock:user:81", "other-worker", px=1500)
+    # Another process is writing the user's lead for a while.
+    await redis_client.set(f"{service.key_prefix}:lease:user:81", "other-process", px=1500)
     await bus.publish(event("create_card", 81, reply_queue=settings.rabbitmq_reply_queue))
     reply = (await bus.reply())["data"]
     assert (reply["status"], reply["attempts"]) == ("success", 1)
     assert len(await admin.leads()) == 1
 
 
-async def test_a_reply_queue_that_does_not_exist_yet_gets_the_reply(
-    service: BitrixService, bus: Bus, settings: Settings
+async def test_replies_go_only_to_the_configured_queue(
+    service: BitrixService, bus: Bus, admin: Admin, settings: Settings
 ) -> None:
-    reply_queue = f"{settings.rabbitmq_reply_queue}.late"
-    await bus.publish(event("create_card", 82, reply_queue=reply_queue))
-    queue = await bus.channel.declare_queue(reply_queue, durable=True)
-    try:
-        message = None
-        for _ in range(100):
-            message = await queue.get(fail=False)
-            if message is not None:
-                break
-            await asyncio.sleep(0.1)
-        assert message is not None
-        assert json.loads(message.body)["data"]["status"] == "success"
-    finally:
-        await queue.delete(if_unused=False, if_empty=False)
+    other = f"{settings.rabbitmq_reply_queue}.other"
+    await bus.publish(event("create_card", 82, reply_queue=other))
+    without = event("create_card", 83, reply_queue="")
+    del without["data"]["replyQueue"]
+    await bus.publish(without)
+
+    reply = (await bus.reply())["data"]
+    assert (reply["status"], reply["user_id"]) == ("success", 83)
+    await bus.assert_no_reply(within=0.5)
+    assert [lead["ORIGIN_ID"] for lead in await admin.leads()] == ["83"]
+    assert await bus.pending_events() == 0
+    # No queue was made for the other name.
+    connection = await aio_pika.connect(settings.rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+            await channel.declare_queue(other, passive=True)
 
 
 async def test_stop_is_bounded_and_another_service_finishes_the_cut_job(
@@ -361,6 +367,15 @@ async def test_stop_is_bounded_and_another_service_finishes_the_cut_job(
 async def _break_reply_queue(bus: Bus, name: str) -> AbstractQueue:
     """A reply queue RabbitMQ refuses our declaration of: publishing a reply to it fails."""
     return await bus.channel.declare_queue(name, durable=False, auto_delete=True)
+
+
+async def _start_with_broken_replies(
+    start_service: ServiceFactory, bus: Bus, settings: Settings, **overrides: Any
+) -> AbstractQueue:
+    """A service whose reply queue is broken (see `_break_reply_queue`)."""
+    broken = await _break_reply_queue(bus, f"{settings.rabbitmq_reply_queue}.broken")
+    await start_service(rabbitmq_reply_queue=broken.name, **overrides)
+    return broken
 
 
 async def _reply_once_repaired(bus: Bus, broken: AbstractQueue) -> dict[str, Any]:
@@ -394,8 +409,7 @@ async def _counted_more(outcome: str, before: float) -> None:
 async def test_a_failed_reply_fails_the_attempt_and_the_retry_replies(
     start_service: ServiceFactory, portal: object, bus: Bus, admin: Admin, settings: Settings
 ) -> None:
-    await start_service(job_backoff_ms=1000)
-    broken = await _break_reply_queue(bus, f"{settings.rabbitmq_reply_queue}.broken")
+    broken = await _start_with_broken_replies(start_service, bus, settings, job_backoff_ms=1000)
     retries_before = _jobs_counted("retry")
     await bus.publish(event("create_card", 84, reply_queue=broken.name))
 
@@ -409,9 +423,8 @@ async def test_a_failed_reply_fails_the_attempt_and_the_retry_replies(
 async def test_an_unsent_final_error_reply_keeps_the_job_until_it_is_sent(
     start_service: ServiceFactory, portal: object, bus: Bus, admin: Admin, settings: Settings
 ) -> None:
-    await start_service(job_backoff_ms=200)
     await admin.fail("crm.lead.list", status=401, error="NO_AUTH_FOUND", times=100)
-    broken = await _break_reply_queue(bus, f"{settings.rabbitmq_reply_queue}.broken")
+    broken = await _start_with_broken_replies(start_service, bus, settings, job_backoff_ms=200)
     delayed_before = _jobs_counted("delayed")
     await bus.publish(event("create_card", 85, reply_queue=broken.name))
 

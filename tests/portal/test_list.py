@@ -90,3 +90,17 @@ async def test_start_minus_one_skips_the_count(api: Api) -> None:
     assert [int(row["ID"]) for row in page["result"]] == ids[31:]
     assert "next" not in page
     assert "total" not in page
+
+
+async def test_a_look_up_by_origin_ids_finds_each_lead_of_them(api: Api) -> None:
+    ids = await _add_many(api, 120)
+    await api.result("crm.lead.update", {"id": ids[5], "fields": {"ORIGIN_ID": "moved"}})
+    await api.result("crm.lead.delete", {"id": ids[7]})
+    params = {
+        "filter": {"@ORIGIN_ID": ["5", "7", "9", "110", "moved", "nobody"], ">ID": ids[8]},
+        "order": {"ID": "ASC"},
+    }
+    # The index by ORIGIN_ID follows updates and deletes; the other conditions still apply.
+    assert await _ids(api, params) == [ids[9], ids[110]]
+    assert await _ids(api, {"filter": {"=ORIGIN_ID": "moved"}}) == [ids[5]]
+    assert await _ids(api, {"filter": {"@ORIGIN_ID": "9,110"}}) == [ids[9], ids[110]]

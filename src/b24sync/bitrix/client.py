@@ -2,8 +2,10 @@
 
 `BitrixClient.call(method, params)` returns the method's `result` or raises `BitrixError`.
 Errors are classified by Bitrix24's `error` code (HTTP statuses lie: real portals answer 401 for
-codes documented as 403). Rate-limit answers are waited out inside the call; every other
-transient failure is left to the job's retries.
+codes documented as 403). `call` and `request` take a slot of the shared bucket and wait out
+rate-limit answers; `send` is one plain HTTP request, for a sender that takes its slots and
+handles limit answers itself (the sync engine's transport). Every other transient failure is
+left to the caller's retries.
 
 The webhook URL holds the secret code, so no message, log line or exception built here contains
 the URL: they name the REST method instead.
@@ -17,7 +19,7 @@ import re
 import socket
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol, Self
+from typing import Any, Self
 
 import httpx
 
@@ -121,16 +123,6 @@ def is_transient(code: str, http_status: int) -> bool:
     return http_status >= 500
 
 
-class BitrixCalls(Protocol):
-    """What a job needs of Bitrix24: `BitrixClient`, or `batch.BatchingClient` over one."""
-
-    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any: ...
-
-    async def request(
-        self, method: str, params: dict[str, Any] | None = None
-    ) -> dict[str, Any]: ...
-
-
 class BitrixClient:
     def __init__(
         self,
@@ -184,12 +176,7 @@ class BitrixClient:
         A limit `heard` from the portal slows down every worker sharing the limiter too."""
         if not err.rate_limited:
             return False
-        delay_s = min(self._limit_delay_s(err, waits), self._max_limit_wait_s)
-        if self._limiter is not None and heard:
-            if err.code == QUERY_LIMIT_EXCEEDED:
-                await self._limiter.fill()
-            else:
-                await self._limiter.block(err.method, delay_s)
+        delay_s = await self.heed_limit(err, waits, heard=heard)
         if waits >= self._max_limit_waits:
             return False
         log.warning(
@@ -199,27 +186,51 @@ class BitrixClient:
         await asyncio.sleep(delay_s)
         return True
 
+    async def heed_limit(self, err: BitrixError, waits: int, *, heard: bool) -> float:
+        """The seconds to wait after the `waits`-th limit answer `err` in a row. A limit
+        `heard` from the portal is passed on to every worker sharing the limiter: a full
+        bucket, or the method blocked for as long."""
+        delay_s = min(self._limit_delay_s(err, waits), self._max_limit_wait_s)
+        if self._limiter is not None and heard:
+            if err.code == QUERY_LIMIT_EXCEEDED:
+                await self._limiter.fill()
+            else:
+                await self._limiter.block(err.method, delay_s)
+        return delay_s
+
     def _limit_delay_s(self, err: BitrixError, waits: int) -> float:
         if err.retry_after_s is not None:
             return err.retry_after_s
         if err.code == OPERATION_TIME_LIMIT:
-            return self._operation_limit_wait_s
+            return self._operation_reset_in_s(err.method) or self._operation_limit_wait_s
         # Bucket overflow: one slot drains quickly; back off further if it keeps happening.
         return float(self._limit_wait_s * 1.5**waits)
 
+    async def take_request_slot(self, method: str) -> None:
+        """Waits for a free slot of the shared bucket and takes it (no-op without a limiter).
+        Raises the OPERATION_TIME_LIMIT error while another worker was told `method` is
+        blocked."""
+        if self._limiter is None:
+            return
+        try:
+            await self._limiter.acquire(method=method)
+        except MethodBlockedError as blocked:
+            raise BitrixError(
+                method,
+                OPERATION_TIME_LIMIT,
+                "Method is blocked due to operation time limit (as another worker was told)",
+                http_status=None,
+                transient=True,
+                retry_after_s=blocked.retry_after_s,
+            ) from None
+
     async def _request_once(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        if self._limiter is not None:
-            try:
-                await self._limiter.acquire(method=method)
-            except MethodBlockedError as blocked:
-                raise BitrixError(
-                    method,
-                    OPERATION_TIME_LIMIT,
-                    "Method is blocked due to operation time limit (as another worker was told)",
-                    http_status=None,
-                    transient=True,
-                    retry_after_s=blocked.retry_after_s,
-                ) from None
+        await self.take_request_slot(method)
+        return await self.send(method, params)
+
+    async def send(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """One HTTP request for a slot the caller already took (`take_request_slot`): the whole
+        answer, or `BitrixError` (limit answers included; nothing is waited out here)."""
         started = time.monotonic()
         code = "OK"
         try:
@@ -291,11 +302,12 @@ class BitrixClient:
                 http_status=status,
                 transient=status >= 500,
             )
-        self._remember_operating_reset(method, body.get("time"))
+        self.note_timing(method, body.get("time"))
         return body
 
-    def _remember_operating_reset(self, method: str, timing: Any) -> None:
-        # Every `time` field is optional; `operating_reset_at` tells when a 429 would clear.
+    def note_timing(self, method: str, timing: Any) -> None:
+        """Remembers from an answer's `time` (a command's inside a batch too) when a 429 of
+        `method` would clear. Every `time` field is optional."""
         if isinstance(timing, dict) and isinstance(timing.get("operating_reset_at"), int | float):
             self._operating_reset_at[method] = float(timing["operating_reset_at"])
 

@@ -1,9 +1,19 @@
 """RabbitMQ events -> BullMQ jobs.
 
-Messages are handled one at a time, in queue order, and acknowledged only once their job is in
-Redis (or once a bad message has been answered). The job id is the AMQP `message_id`, so a
-redelivery after a crash between the add and the ack finds the job already there. Producers that
-send no `message_id` (the seed's NestJS Core) get a job id derived from the body; see `_job_id`.
+Messages are read in queue order and acknowledged only once their job is in Redis (or once a
+bad message has been answered): whatever a message holds, its handling ends in an
+acknowledgement. Jobs are added in the order the messages came, those of messages that arrive
+while an add is out together in the next one (one pipeline to check their ids, one to add
+them), so a burst costs a few round trips, not a few per event. The job id is the AMQP
+`message_id`, so a redelivery after a crash between the add and the ack finds the job already
+there, while an event sent again after its job finished (Core resends an event whose reply was
+lost) runs again. Producers that send no `message_id` (the seed's NestJS Core) get a job id
+derived from the body; see `_job_ids`.
+
+What the service refuses, it answers with an error reply when it can tell whom about: bodies
+that are no JSON or nested too deeply, larger than `bitrix_event_max_bytes`, fields beyond the
+contract's bounds, user ids outside 1..2^63-1. Replies go only to the configured reply queue:
+an event naming another queue is refused with a log line, and no queue is created for it.
 """
 
 from __future__ import annotations
@@ -21,10 +31,10 @@ from bullmq import Queue
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from b24sync.batching import Coalescer
 from b24sync.bitrix import metrics
 from b24sync.bitrix.jobs import JOB_NAME, JobPayload
 from b24sync.bitrix.replies import ReplySender
-from b24sync.bitrix.state import UserLocks
 from b24sync.contracts.messages import (
     ACTION_BY_PATTERN,
     Action,
@@ -34,7 +44,7 @@ from b24sync.contracts.messages import (
     ReplyStatus,
     UserPayload,
 )
-from b24sync.logs import get_logger
+from b24sync.logs import get_logger, shorten
 from b24sync.messaging import queue_arguments
 from b24sync.settings import Settings
 
@@ -42,22 +52,36 @@ log = get_logger(__name__)
 
 MISSING_PHONE = "Missing phone number"
 MISSING_STAGE = "Missing stage"
+# Longest event or value a log line carries.
+LOGGED_CHARS = 1000
+QUOTED_CHARS = 100
 
 
 class RejectedEvent(Exception):
-    """An event we answer with an error reply instead of a job."""
+    """An event we answer with an error reply instead of a job. `raw` is the body as far as it
+    was read (to find whom to reply about)."""
+
+    def __init__(self, reason: str, raw: Any = None) -> None:
+        super().__init__(reason)
+        self.raw = raw
+
+
+# A job to add: its message and its data.
+NewJob = tuple[AbstractIncomingMessage, JobPayload]
 
 
 class EventConsumer:
-    def __init__(
-        self, settings: Settings, queue: Queue, locks: UserLocks, replies: ReplySender
-    ) -> None:
+    def __init__(self, settings: Settings, queue: Queue, replies: ReplySender) -> None:
         self._settings = settings
         self._queue = queue
-        self._locks = locks
         self._replies = replies
         self._connection: AbstractRobustConnection | None = None
         self._task: asyncio.Task[None] | None = None
+        self._handling: set[asyncio.Task[None]] = set()
+        # One add out at a time: groups leave in the order their messages came.
+        self._adds: Coalescer[NewJob, tuple[str, bool]] = Coalescer(
+            self._add_jobs, max_in_flight=1, max_items=max(1, settings.rabbitmq_prefetch)
+        )
 
     @property
     def connected(self) -> bool:
@@ -79,6 +103,9 @@ class EventConsumer:
                 except Exception as exc:  # The channel broke while closing; nothing to keep.
                     log.warning(f"[Bitrix] Consumer closed with an error: {exc}")
             self._task = None
+        for task in list(self._handling):
+            task.cancel()
+        await asyncio.gather(*self._handling, return_exceptions=True)
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
@@ -98,27 +125,35 @@ class EventConsumer:
             try:
                 async with queue.iterator() as messages:
                     async for message in messages:
-                        await self.handle(message)
+                        # Handled beside the next ones (at most the prefetch at once), so that
+                        # their jobs are added together.
+                        task = asyncio.create_task(self.handle(message))
+                        self._handling.add(task)
+                        task.add_done_callback(self._handling.discard)
             except Exception as exc:
-                # A channel closed by the broker is not restored by the robust connection.
+                # A channel closed by the broker is not restored by the robust connection. The
+                # old channel is closed first: messages it still holds go back to the queue.
                 log.error(f"[Bitrix] Consuming stopped ({exc}); resuming in 1s")
+                with contextlib.suppress(Exception):
+                    await queue.channel.close()
                 await asyncio.sleep(1)
                 with contextlib.suppress(Exception):
                     queue = await self._open_queue()
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
+        """Queues the event's job or answers the refusal; acknowledges the message either way."""
         try:
             await self._route(message)
         except RejectedEvent as exc:
             metrics.EVENTS.labels(outcome="rejected").inc()
-            log.warning(f"[Bitrix] Rejected event: {exc}")
-            await self._reply_rejected(message.body, str(exc), message.message_id)
+            log.warning(f"[Bitrix] Rejected event: {shorten(str(exc), LOGGED_CHARS)}")
+            await self._reply_rejected(exc, message.message_id)
         except Exception as exc:
             # A bug must not stop the service or redeliver the message forever: answer and drop.
             metrics.EVENTS.labels(outcome="rejected").inc()
             log.exception(f"[Bitrix] Could not handle an event: {type(exc).__name__}")
             await self._reply_rejected(
-                message.body, f"internal error: {type(exc).__name__}", message.message_id
+                RejectedEvent(f"internal error: {type(exc).__name__}"), message.message_id
             )
         try:
             await message.ack()
@@ -127,60 +162,118 @@ class EventConsumer:
             log.warning(f"[Bitrix] Could not acknowledge a message ({exc}); it will be redelivered")
 
     async def _route(self, message: AbstractIncomingMessage) -> None:
-        event = parse(message.body)
-        log.info(
-            f"[Bitrix] Received {event.pattern.value} event: "
-            + json.dumps(event.wire(), ensure_ascii=False)
-        )
-        check(event)
+        body = message.body
+        limit = self._settings.bitrix_event_max_bytes
+        if len(body) > limit:
+            raise RejectedEvent(
+                f"Event too large: {len(body)} bytes, at most {limit}", raw=_readable(body)
+            )
+        raw = decode(body)
+        try:
+            event = to_event(raw)
+            log.info(
+                f"[Bitrix] Received {event.pattern.value} event: "
+                + shorten(json.dumps(event.wire(), ensure_ascii=False), LOGGED_CHARS)
+            )
+            check(event)
+        except RejectedEvent as exc:
+            raise RejectedEvent(str(exc), raw) from None
+        named = event.data.reply_queue if "reply_queue" in event.data.model_fields_set else None
+        if named is not None and named != self._settings.rabbitmq_reply_queue:
+            metrics.EVENTS.labels(outcome="rejected").inc()
+            log.warning(
+                f"[Bitrix] Rejected event for user {event.data.user.id}: reply queue "
+                f"{shorten(repr(named), QUOTED_CHARS)} is not the configured "
+                f"{self._settings.rabbitmq_reply_queue!r}; no reply sent"
+            )
+            return
+        data = event.data.model_copy(update={"reply_queue": self._settings.rabbitmq_reply_queue})
+        event = event.model_copy(update={"data": data})
         await self._enqueue(message, JobPayload(event=event, message_id=message.message_id or None))
 
     async def _enqueue(self, message: AbstractIncomingMessage, payload: JobPayload) -> None:
-        """Adds the job unless it exists, waiting out Redis outages: the message stays
-        unacknowledged meanwhile, so nothing is lost and a shutdown hands it back to RabbitMQ."""
+        job_id, added = await self._adds.submit((message, payload))
+        if not added:
+            metrics.EVENTS.labels(outcome="duplicate").inc()
+            log.info(f"[Bitrix] Job {job_id} is already in the queue; duplicate dropped")
+            return
+        metrics.EVENTS.labels(outcome="queued").inc()
+        log.info(f"[Bitrix] Job added to queue with ID: {job_id}")
+
+    async def _add_jobs(self, jobs: list[NewJob]) -> list[tuple[str, bool]]:
+        """Adds the jobs, in order, unless they exist: each one's job id and whether it was
+        added (not a duplicate). Waits out Redis outages: the messages stay unacknowledged
+        meanwhile, so nothing is lost and a shutdown hands them back to RabbitMQ."""
         delay_s = 0.5
         while True:
             try:
-                job_id = await self._job_id(message)
-                if await self._queue.getJob(job_id) is not None:
-                    metrics.EVENTS.labels(outcome="duplicate").inc()
-                    log.info(f"[Bitrix] Job {job_id} is already in the queue; duplicate dropped")
-                    return
-                await self._queue.add(JOB_NAME, payload.wire(), {"jobId": job_id})
-                break
+                job_ids = await self._job_ids([message for message, _ in jobs])
+                new = [
+                    (job_id, payload)
+                    for (job_id, added), (_, payload) in zip(job_ids, jobs, strict=True)
+                    if added
+                ]
+                await self._queue.addBulk(
+                    [
+                        {"name": JOB_NAME, "data": payload.wire(), "opts": {"jobId": job_id}}
+                        for job_id, payload in new
+                    ]
+                )
+                return job_ids
             except (RedisError, OSError) as exc:
-                log.error(f"[Bitrix] Could not queue the job ({exc}); retrying in {delay_s}s")
+                log.error(f"[Bitrix] Could not queue jobs ({exc}); retrying in {delay_s}s")
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 10.0)
-        metrics.EVENTS.labels(outcome="queued").inc()
-        log.info(f"[Bitrix] Job added to queue with ID: {job_id}")
-        user_id = payload.event.data.user.id
-        try:
-            # The user's turns follow the queue's order (see UserLocks).
-            await self._locks.enqueue(user_id, job_id)
-        except (RedisError, OSError) as exc:
-            log.warning(f"[Bitrix] Job {job_id} runs without waiting for its turn: {exc}")
 
-    async def _job_id(self, message: AbstractIncomingMessage) -> str:
-        if message.message_id:
-            return message.message_id
-        # Without a message id only a redelivery (flagged by RabbitMQ) can repeat a message we
-        # have seen. A fresh delivery with the same body is a new event (a user changed back
-        # and forth) and gets its own job, or it would be lost.
-        digest = hashlib.sha256(message.body).hexdigest()
-        if message.redelivered or await self._queue.getJob(digest) is None:
-            return digest
-        return f"{digest}-{uuid4().hex[:12]}"
+    async def _job_ids(self, messages: list[AbstractIncomingMessage]) -> list[tuple[str, bool]]:
+        """The id of each message's job, and False when that job exists and is this very
+        event (a redelivery while it waits, is delayed or runs).
 
-    async def _reply_rejected(self, body: bytes, reason: str, message_id: str | None) -> None:
-        """The error reply for a message that makes no job, when it names a user to reply about."""
-        target = reply_target(body, self._settings.rabbitmq_reply_queue)
+        The id is the message id. Without one, only a redelivery (flagged by RabbitMQ) can
+        repeat a message we have seen: a fresh delivery with the body of an earlier one is a
+        new event (a user changed back and forth) and gets an id of its own, or it would be
+        lost. A job that finished gives way to its event sent again (its reply was lost)."""
+        wanted = [
+            message.message_id or hashlib.sha256(message.body).hexdigest() for message in messages
+        ]
+        async with self._queue.client.pipeline(transaction=False) as pipe:
+            for job_id in wanted:
+                pipe.exists(self._queue.toKey(job_id))
+            existing = [bool(found) for found in await pipe.execute()]
+        job_ids: list[tuple[str, bool]] = []
+        taken: set[str] = set()
+        for message, job_id, exists in zip(messages, wanted, existing, strict=True):
+            if not message.message_id and not message.redelivered and (exists or job_id in taken):
+                job_id, exists = f"{job_id}-{uuid4().hex[:12]}", False
+            added = job_id not in taken and (not exists or await self._finished(job_id))
+            taken.add(job_id)
+            job_ids.append((job_id, added))
+        return job_ids
+
+    async def _finished(self, job_id: str) -> bool:
+        """Whether the existing job finished; if so it is removed, for its event to run again."""
+        state = await self._queue.getJobState(job_id)
+        if state not in ("completed", "failed"):
+            return bool(state == "unknown")
+        await self._queue.remove(job_id)
+        log.info(f"[Bitrix] Job {job_id} had finished; its event came again, running it again")
+        return True
+
+    async def _reply_rejected(self, rejected: RejectedEvent, message_id: str | None) -> None:
+        """The error reply for a message that makes no job, when it names a user to reply about
+        and no other queue than the configured one."""
+        target = reply_target(rejected.raw, self._settings.rabbitmq_reply_queue)
         if target is None:
-            log.warning("[Bitrix] No user id in the rejected event; no reply sent")
+            log.warning("[Bitrix] No user id or no queue of ours in the rejected event; no reply")
             return
         queue, user, action = target
         data = ReplyData(
-            status=ReplyStatus.ERROR, action=action, user=user, attempts=1, reason=reason
+            status=ReplyStatus.ERROR,
+            action=action,
+            user=user,
+            attempts=1,
+            reason=str(rejected),
+            retryable=False,
         )
         try:
             await self._replies.send(queue, data, correlation_id=message_id or None)
@@ -188,17 +281,32 @@ class EventConsumer:
             log.error(f"[Bitrix] Could not send the error reply to {queue}: {exc}")
 
 
-def parse(body: bytes) -> Event:
-    """The event in a message body; `RejectedEvent` with a readable reason otherwise."""
+def _readable(body: bytes) -> Any:
+    """The JSON in a body, or None when there is none to read."""
     try:
-        raw = json.loads(body)
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
+def decode(body: bytes) -> Any:
+    """The JSON in a message body; `RejectedEvent` when there is none."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        # CPython's decoder recurses per level: a deep enough body exhausts the stack.
+        raise RejectedEvent("Invalid JSON: nested too deeply") from None
     except ValueError as exc:
         raise RejectedEvent(f"Invalid JSON: {exc}") from None
+
+
+def to_event(raw: Any) -> Event:
+    """The event in a decoded body; `RejectedEvent` with a readable reason otherwise."""
     if not isinstance(raw, dict):
         raise RejectedEvent("Invalid event: the body is not a JSON object")
     pattern = raw.get("pattern")
     if pattern not in Pattern.__members__.values():
-        raise RejectedEvent(f"Unknown pattern: {pattern!r}")
+        raise RejectedEvent(f"Unknown pattern: {shorten(repr(pattern), QUOTED_CHARS)}")
     try:
         return Event.model_validate(raw)
     except ValidationError as exc:
@@ -207,6 +315,11 @@ def parse(body: bytes) -> Event:
             for error in exc.errors(include_url=False)
         )
         raise RejectedEvent(f"Invalid event: {problems}") from None
+
+
+def parse(body: bytes) -> Event:
+    """The event in a message body; `RejectedEvent` with a readable reason otherwise."""
+    return to_event(decode(body))
 
 
 def check(event: Event) -> None:
@@ -223,14 +336,14 @@ def check(event: Event) -> None:
         raise RejectedEvent(MISSING_STAGE)
 
 
-def reply_target(body: bytes, default_queue: str) -> tuple[str, UserPayload, Action | None] | None:
-    """Reply queue, user and action of a rejected message, as far as they can be read."""
-    try:
-        raw = json.loads(body)
-    except ValueError:
-        return None
+def reply_target(raw: Any, reply_queue: str) -> tuple[str, UserPayload, Action | None] | None:
+    """Reply queue, user and action of a rejected message, as far as they can be read; None
+    when it names no valid user or a reply queue other than `reply_queue`."""
     data: Any = raw.get("data") if isinstance(raw, dict) else None
     if not isinstance(data, dict) or not isinstance(data.get("user"), dict):
+        return None
+    named = data.get("replyQueue", reply_queue)
+    if named != reply_queue:
         return None
     raw_user: dict[str, Any] = data["user"]
     try:
@@ -240,10 +353,9 @@ def reply_target(body: bytes, default_queue: str) -> tuple[str, UserPayload, Act
             user = UserPayload.model_validate({"id": raw_user.get("id")})
         except ValidationError:
             return None
-    queue = data.get("replyQueue")
     action = data.get("action")
     return (
-        queue if isinstance(queue, str) and queue else default_queue,
+        reply_queue,
         user,
         Action(action) if isinstance(action, str) and action in set(Action) else None,
     )

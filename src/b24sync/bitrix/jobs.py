@@ -1,19 +1,14 @@
-"""The BullMQ job handler: one event -> the user's lead in Bitrix24 -> exactly one final reply.
+"""The BullMQ job handler: one event -> the sync engine -> exactly one final reply.
 
-Jobs of one user run one at a time, in the order they were queued (`state.UserLocks`).
-Each attempt, in its turn and under the user's lock:
-1. an event older than the version already applied for the user is skipped (success reply,
-   `skipped: true`); events without a version are always applied;
-2. the user's lead is upserted (see `leads.Leads.sync`), the lead id and version remembered;
-3. the success reply is published with confirms. If that fails the attempt fails, and the next
-   attempt finds the lead and replies.
-
-Failures: a permanent Bitrix24 error (auth, scope, validation, ...) is answered at once with its
-code and fails the job without retries; anything else is retried with BullMQ's backoff and the
-error reply goes out after the last attempt. A job whose turn does not come within
-`user_lock_wait_s` is postponed without spending an attempt. A job BullMQ fails because its
-workers kept dying (stalled more than `job_max_stalled_count` times) is answered with an error
-from the worker's `failed` event.
+The handler parses the job, hands its event to `engine.SyncEngine` and answers with what came
+back: a success (written, or skipped with the reason), or an error. A transient failure fails
+the attempt and BullMQ retries it (the seed's 3 attempts, 2 s exponential backoff); the error
+reply after the last attempt says `retryable: true`. A permanent one (auth, scope, validation,
+...) is answered at once with `retryable: false` and ends the job. A job whose user another
+process is writing goes back to the queue for a while without spending an attempt. A success
+reply that cannot be published fails the attempt, and the retry writes and replies again.
+A job BullMQ fails because its workers kept dying (stalled more than `job_max_stalled_count`
+times) is answered with an error from the worker's `failed` event.
 """
 
 from __future__ import annotations
@@ -22,21 +17,22 @@ import asyncio
 import time
 from typing import Any
 
-from bullmq import DelayedError, Queue, UnrecoverableError, Worker
+from bullmq import DelayedError, UnrecoverableError, Worker
 from pydantic import BaseModel, ValidationError
 
 from b24sync.bitrix import metrics
 from b24sync.bitrix.client import BitrixError
-from b24sync.bitrix.leads import Leads
+from b24sync.bitrix.engine import Busy, Failed, Skipped, SyncEngine, Work, Written, fields_of
 from b24sync.bitrix.replies import ReplySender
-from b24sync.bitrix.state import UserBusyError, UserLocks, UserStateStore
 from b24sync.contracts.messages import Event, ReplyData, ReplyStatus
-from b24sync.logs import get_logger, mask_secrets
+from b24sync.logs import get_logger, mask_secrets, shorten
 from b24sync.settings import Settings
 
 log = get_logger(__name__)
 
 JOB_NAME = "bitrix_job"
+# Longest failure reason a log line carries.
+LOGGED_REASON_CHARS = 500
 
 
 class JobPayload(BaseModel):
@@ -71,12 +67,6 @@ def retry_delay_ms(backoff: Any, attempts_made: int) -> int:
     return delay
 
 
-async def job_pending(queue: Queue, job_id: str) -> bool:
-    """Whether a job may still run: it exists and has not finished."""
-    state = await queue.getJobState(job_id)
-    return state not in ("completed", "failed", "unknown")
-
-
 def reply_to(event: Event, status: ReplyStatus, attempts: int, **details: Any) -> ReplyData:
     """The reply to `event`: its action and user echoed, with the outcome's details."""
     return ReplyData(
@@ -99,20 +89,9 @@ def describe_failure(exc: BaseException) -> str:
 class JobHandler:
     """The BullMQ processor (`Worker(queue, JobHandler(...))`)."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        leads: Leads,
-        store: UserStateStore,
-        locks: UserLocks,
-        replies: ReplySender,
-    ) -> None:
-        self._leads = leads
-        self._store = store
-        self._locks = locks
+    def __init__(self, settings: Settings, *, engine: SyncEngine, replies: ReplySender) -> None:
+        self._engine = engine
         self._replies = replies
-        self._busy_delay_ms = settings.user_busy_delay_ms
         self._reply_retry_ms = settings.job_backoff_ms
 
     async def __call__(self, job: Any, token: str) -> dict[str, Any]:
@@ -127,58 +106,54 @@ class JobHandler:
             # Only a foreign producer writing into our queue can cause this: nobody to reply to.
             metrics.JOBS.labels(outcome="error").inc()
             raise UnrecoverableError(f"job data does not match the schema: {exc}") from exc
-        user_id = payload.event.data.user.id
-        try:
-            reply = await self._apply(payload.event, job.id, attempt)
-            await self._send(payload, reply)
-        except UserBusyError:
-            await job.moveToDelayed(int(time.time() * 1000) + self._busy_delay_ms, token)
+        event = payload.event
+        outcome = await self._engine.sync(Work(event, str(job.id), attempt, int(job.timestamp)))
+        if isinstance(outcome, Busy):
+            await job.moveToDelayed(int(time.time() * 1000) + outcome.retry_in_ms, token)
             metrics.JOBS.labels(outcome="delayed").inc()
             log.info(
-                f"[Bitrix] Job {job.id} postponed by {self._busy_delay_ms}ms: "
-                f"user {user_id} is busy with earlier jobs"
+                f"[Bitrix] Job {job.id} postponed by {outcome.retry_in_ms}ms: user "
+                f"{event.data.user.id} is being written by another process"
             )
-            raise DelayedError() from None
+            raise DelayedError()
+        if isinstance(outcome, Failed):
+            if outcome.fields != fields_of(event):
+                await self._carry_fields(job, payload, outcome)
+            await self._fail(job, token, payload, outcome.error, attempt, max_attempts)
+            raise outcome.error
+        if isinstance(outcome, Written):
+            reply = reply_to(event, ReplyStatus.SUCCESS, attempt, bitrix_lead_id=outcome.lead_id)
+        else:
+            reply = self._skipped_reply(event, outcome, attempt)
+        try:
+            await self._send(payload, reply)
         except Exception as exc:
             await self._fail(job, token, payload, exc, attempt, max_attempts)
             raise
-        await self._locks.finish(user_id, job.id)
-        outcome = "skipped" if reply.skipped else "success"
-        metrics.JOBS.labels(outcome=outcome).inc()
+        metrics.JOBS.labels(outcome="skipped" if reply.skipped else "success").inc()
         metrics.JOB_ATTEMPTS.observe(attempt)
         log.info("[Bitrix] Job completed successfully", job_id=job.id)
         return {"bitrix_lead_id": reply.bitrix_lead_id, "skipped": bool(reply.skipped)}
 
-    async def _apply(self, event: Event, job_id: str, attempt: int) -> ReplyData:
-        user = event.data.user
-        action = event.data.action
-        async with self._locks.hold(user.id, job_id):
-            state = await self._store.get(user.id)
-            if (
-                user.version is not None
-                and state.version is not None
-                and user.version < state.version
-            ):
-                log.info(
-                    f"[Bitrix] Skipping {action.value} of user {user.id}: version "
-                    f"{user.version} is older than the applied version {state.version}"
-                )
-                return reply_to(
-                    event,
-                    ReplyStatus.SUCCESS,
-                    attempt,
-                    bitrix_lead_id=state.lead_id,
-                    skipped=True,
-                    reason=f"version {user.version} is older than the applied "
-                    f"version {state.version}; nothing changed",
-                )
-            log.info(
-                f"[Bitrix] Calling Bitrix24 API with action: {action.value} (attempt {attempt})"
-            )
-            known_ids = [i for i in (user.bitrix_lead_id, state.lead_id) if i is not None]
-            result = await self._leads.sync(action, user, known_ids)
-            await self._store.record(user.id, result.lead_id, user.version)
-        return reply_to(event, ReplyStatus.SUCCESS, attempt, bitrix_lead_id=result.lead_id)
+    @staticmethod
+    def _skipped_reply(event: Event, outcome: Skipped, attempt: int) -> ReplyData:
+        return reply_to(
+            event,
+            ReplyStatus.SUCCESS,
+            attempt,
+            bitrix_lead_id=outcome.lead_id,
+            skipped=True,
+            reason=outcome.reason,
+            applied_version=outcome.applied_version,
+        )
+
+    @staticmethod
+    async def _carry_fields(job: Any, payload: JobPayload, outcome: Failed) -> None:
+        """Older jobs merged into this one were answered as superseded: the retry must still
+        write their fields."""
+        data = payload.event.data.model_copy(update={"changed": sorted(outcome.fields)})
+        event = payload.event.model_copy(update={"data": data})
+        await job.updateData(JobPayload(event=event, message_id=payload.message_id).wire())
 
     async def _fail(
         self,
@@ -190,12 +165,15 @@ class JobHandler:
         max_attempts: int,
     ) -> None:
         """Logs a failed attempt; sends the error reply when no attempt follows. Raises
-        `UnrecoverableError` to stop the retries of a permanent error once it is answered.
+        `UnrecoverableError` to stop the retries once the final error is answered.
 
-        A final reply that cannot be published keeps the job (and the user's turn): it is
-        postponed and runs again, so Core is never left without an answer."""
+        A final reply that cannot be published keeps the job: it is postponed and runs again,
+        so Core is never left without an answer."""
         reason = describe_failure(exc)
-        log.error(f"[Bitrix] Error processing job (attempt {attempt}/{max_attempts}): {reason}")
+        log.error(
+            f"[Bitrix] Error processing job (attempt {attempt}/{max_attempts}): "
+            + shorten(reason, LOGGED_REASON_CHARS)
+        )
         permanent = isinstance(exc, BitrixError) and not exc.transient
         if not permanent and attempt < max_attempts:
             metrics.JOBS.labels(outcome="retry").inc()
@@ -204,18 +182,16 @@ class JobHandler:
             return
         if not permanent:
             log.error("[Bitrix] All retry attempts exhausted, sending error reply")
-        event = payload.event
+        error = reply_to(
+            payload.event,
+            ReplyStatus.ERROR,
+            attempt,
+            reason=reason,
+            error_code=exc.code if isinstance(exc, BitrixError) else None,
+            retryable=not permanent,
+        )
         try:
-            await self._send(
-                payload,
-                reply_to(
-                    event,
-                    ReplyStatus.ERROR,
-                    attempt,
-                    reason=reason,
-                    error_code=exc.code if isinstance(exc, BitrixError) else None,
-                ),
-            )
+            await self._send(payload, error)
         except Exception as send_exc:
             log.error(
                 f"[Bitrix] Could not send the error reply of job {job.id} "
@@ -224,10 +200,9 @@ class JobHandler:
             await job.moveToDelayed(int(time.time() * 1000) + self._reply_retry_ms, token)
             metrics.JOBS.labels(outcome="delayed").inc()
             raise DelayedError() from None
-        await self._locks.finish(event.data.user.id, job.id)
         metrics.JOBS.labels(outcome="error").inc()
         metrics.JOB_ATTEMPTS.observe(attempt)
-        raise UnrecoverableError(reason) from exc
+        raise UnrecoverableError(shorten(reason, LOGGED_REASON_CHARS)) from exc
 
     async def answer_abandoned(self, job: Any) -> None:
         """Error reply of a job that stalled more often than `job_max_stalled_count` (its
@@ -235,17 +210,16 @@ class JobHandler:
         would answer Core."""
         try:
             payload = JobPayload.model_validate(job.data)
-            event = payload.event
             await self._send(
                 payload,
                 reply_to(
-                    event,
+                    payload.event,
                     ReplyStatus.ERROR,
                     int(job.attemptsMade) + 1,
                     reason=f"abandoned: {job.deferredFailure}",
+                    retryable=True,
                 ),
             )
-            await self._locks.finish(event.data.user.id, job.id)
         except Exception as exc:
             log.error(f"[Bitrix] Could not answer abandoned job {job.id}: {describe_failure(exc)}")
             return
@@ -268,7 +242,8 @@ def attach_job_logging(worker: Worker, handler: JobHandler) -> None:
     def on_failed(job: Any, err: BaseException) -> None:
         # The worker reports every failed attempt; only the last one fails the job.
         if isinstance(err, UnrecoverableError) or job.attemptsMade >= job.opts.get("attempts", 1):
-            log.error(f"[Bitrix] Job {job.id} failed: {mask_secrets(str(err))}")
+            message = shorten(mask_secrets(str(err)), LOGGED_REASON_CHARS)
+            log.error(f"[Bitrix] Job {job.id} failed: {message}")
         if job.deferredFailure:
             task = asyncio.create_task(handler.answer_abandoned(job))
             pending.add(task)

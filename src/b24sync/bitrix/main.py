@@ -1,27 +1,29 @@
 """The Bitrix service: `b24sync bitrix` runs `run(settings)`; tests run `BitrixService` in-process.
 
 Several processes can serve one queue side by side: BullMQ hands each job to one worker, the
-per-user lock and the rate limiter live in Redis.
+per-user leases and the rate limiter live in Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+from uuid import uuid4
 
 import uvloop
 from bullmq import Queue, Worker
 from redis.asyncio import Redis
 
-from b24sync.bitrix.batch import BatchingClient
 from b24sync.bitrix.client import BitrixClient
 from b24sync.bitrix.consumer import EventConsumer
+from b24sync.bitrix.engine import SyncEngine
 from b24sync.bitrix.http import create_app
-from b24sync.bitrix.jobs import JobHandler, attach_job_logging, job_options, job_pending
-from b24sync.bitrix.leads import Leads
+from b24sync.bitrix.jobs import JobHandler, attach_job_logging, job_options
+from b24sync.bitrix.leads import LeadFields
 from b24sync.bitrix.ratelimit import RateLimiter
 from b24sync.bitrix.replies import ReplySender
-from b24sync.bitrix.state import UserLocks, UserStateStore
+from b24sync.bitrix.state import UserLeases
+from b24sync.bitrix.transport import Transport
+from b24sync.bitrix.worker import create_worker, run_worker
 from b24sync.logs import configure_logging, get_logger, register_secret, webhook_secret
 from b24sync.messaging import ConfirmedPublisher, describe_url
 from b24sync.serving import EmbeddedServer, wait_for_stop_signal
@@ -30,15 +32,40 @@ from b24sync.settings import Settings
 log = get_logger(__name__)
 
 
+def key_prefix(settings: Settings) -> str:
+    """Where the service's own Redis keys live: beside BullMQ's, under the same prefix."""
+    return f"{settings.bullmq_prefix}:{settings.bullmq_queue}:b24sync"
+
+
+def create_client(settings: Settings, redis: Redis) -> BitrixClient:
+    """The Bitrix24 client of every process that calls the portal: each takes its requests from
+    the one bucket in Redis (`BITRIX_PLAN`), so together they stay within the portal's limit."""
+    bucket = settings.bitrix_bucket
+    return BitrixClient(
+        settings.effective_webhook_url,
+        limiter=None
+        if bucket is None
+        else RateLimiter(
+            redis, f"{key_prefix(settings)}:ratelimit", burst=bucket[0], rate_per_s=bucket[1]
+        ),
+        timeout_s=settings.bitrix_timeout_s,
+        limit_wait_s=settings.bitrix_limit_wait_s,
+        operation_limit_wait_s=settings.bitrix_operation_limit_wait_s,
+        max_limit_waits=settings.bitrix_limit_max_waits,
+        max_limit_wait_s=settings.bitrix_limit_max_wait_s,
+    )
+
+
 class BitrixService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # Our own keys live beside BullMQ's, under the same prefix.
-        self.key_prefix = f"{settings.bullmq_prefix}:{settings.bullmq_queue}:b24sync"
+        self.key_prefix = key_prefix(settings)
         self._redis: Redis | None = None
         self._client: BitrixClient | None = None
         self._publisher = ConfirmedPublisher(settings.rabbitmq_url, settings.rabbitmq_queue_type)
         self._queue: Queue | None = None
+        self._transport: Transport | None = None
+        self._engine: SyncEngine | None = None
         self._worker: Worker | None = None
         self._worker_task: asyncio.Task[None] | None = None
         self._consumer: EventConsumer | None = None
@@ -55,68 +82,57 @@ class BitrixService:
         settings = self.settings
         webhook_url = settings.effective_webhook_url
         register_secret(webhook_secret(webhook_url))
+        if settings.bitrix_http_token is not None:
+            register_secret(settings.bitrix_http_token.get_secret_value())
         self._redis = Redis.from_url(settings.redis_url, decode_responses=True)
         await self._redis.ping()
         await self._publisher.connect()
         replies = ReplySender(self._publisher)
 
-        self._client = BitrixClient(
-            webhook_url,
-            limiter=RateLimiter(
-                self._redis,
-                f"{self.key_prefix}:ratelimit",
-                burst=settings.bitrix_rate_burst,
-                rate_per_s=settings.bitrix_rate_per_s,
-            ),
-            timeout_s=settings.bitrix_timeout_s,
-            limit_wait_s=settings.bitrix_limit_wait_s,
-            operation_limit_wait_s=settings.bitrix_operation_limit_wait_s,
-            max_limit_waits=settings.bitrix_limit_max_waits,
-            max_limit_wait_s=settings.bitrix_limit_max_wait_s,
+        self._client = create_client(settings, self._redis)
+        self._transport = Transport(
+            self._client,
+            max_commands=settings.bitrix_batch_size,
+            max_in_flight=settings.bitrix_requests_in_flight,
         )
+        self._engine = SyncEngine(
+            leases=UserLeases(
+                self._redis,
+                self.key_prefix,
+                owner=uuid4().hex,
+                ttl_ms=settings.user_lease_ttl_ms,
+            ),
+            transport=self._transport,
+            fields=LeadFields(settings),
+            # Enough users in flight to keep full batches coming while requests are out.
+            max_users=settings.bitrix_batch_size * (settings.bitrix_requests_in_flight + 2),
+            busy_delay_ms=settings.user_busy_delay_ms,
+        )
+        self._engine.start()
+        self._transport.start(feeder=self._engine)
         bullmq_connection = {"connection": settings.redis_url, "prefix": settings.bullmq_prefix}
         self._queue = Queue(
             settings.bullmq_queue,
             {**bullmq_connection, "defaultJobOptions": job_options(settings)},
         )
-        locks = UserLocks(
-            self._redis,
-            self.key_prefix,
-            is_pending=functools.partial(job_pending, self._queue),
-            ttl_ms=settings.user_lock_ttl_ms,
-            wait_s=settings.user_lock_wait_s,
-        )
-        handler = JobHandler(
-            settings,
-            leads=Leads(
-                BatchingClient(self._client, max_commands=settings.bitrix_batch_size)
-                if settings.bitrix_batch_size > 1
-                else self._client,
-                settings,
-            ),
-            store=UserStateStore(self._redis, self.key_prefix),
-            locks=locks,
-            replies=replies,
-        )
-        self._worker = Worker(
+        handler = JobHandler(settings, engine=self._engine, replies=replies)
+        self._worker = create_worker(
             settings.bullmq_queue,
             handler,
             {
                 **bullmq_connection,
-                "autorun": False,
-                "concurrency": settings.worker_concurrency,
                 "lockDuration": settings.job_lock_duration_ms,
                 "stalledInterval": settings.job_stalled_interval_ms,
                 "maxStalledCount": settings.job_max_stalled_count,
             },
         )
         attach_job_logging(self._worker, handler)
-        self._worker_task = asyncio.create_task(self._worker.run())
+        self._worker_task = asyncio.create_task(run_worker(self._worker, settings.bitrix_max_jobs))
 
-        self._consumer = EventConsumer(settings, self._queue, locks, replies)
+        self._consumer = EventConsumer(settings, self._queue, replies)
         await self._consumer.start()
         self._http = EmbeddedServer(
-            create_app(self.readiness),
+            create_app(self.readiness, settings.bitrix_http_token),
             settings.host,
             settings.bitrix_http_port,
             log_level="warning",
@@ -142,15 +158,20 @@ class BitrixService:
         return {"rabbitmq": rabbit_ok, "redis": redis_ok}
 
     async def stop(self) -> None:
-        """Stops consuming, lets active jobs finish (bounded by shutdown_timeout_s), closes all.
-        A job cut off by the timeout stays active in Redis and is picked up again as stalled.
+        """Stops consuming and fetching; jobs not yet being written go back to the queue at
+        once, writes in flight finish (bounded by shutdown_timeout_s), then closes all. A job
+        cut off by the timeout stays active in Redis and is picked up again as stalled.
         Safe to call more than once, and after a failed start."""
         if self._consumer is not None:
             log.info("[Bitrix] Shutting down")
             await self._consumer.stop()
             self._consumer = None
         if self._worker is not None:
+            # Closing first stops the fetching; then the engine hands back what waits.
             closing = asyncio.create_task(self._worker.close())
+            await asyncio.sleep(0)
+            if self._engine is not None:
+                self._engine.close()
             done, _ = await asyncio.wait({closing}, timeout=self.settings.shutdown_timeout_s)
             if not done:
                 log.warning("[Bitrix] Active jobs did not finish in time; cancelling them")
@@ -160,6 +181,12 @@ class BitrixService:
         if self._worker_task is not None:
             await self._worker_task
             self._worker_task = None
+        if self._engine is not None:
+            await self._engine.stop()
+            self._engine = None
+        if self._transport is not None:
+            await self._transport.stop()
+            self._transport = None
         if self._queue is not None:
             await self._queue.close()
             self._queue = None

@@ -1,51 +1,73 @@
-"""Per-user state of the Bitrix service in Redis: the lead id and applied version, and the turns
-and lock that run jobs of one user one at a time, in order (across processes too).
+"""What the Bitrix service keeps per user in Redis: the lead id and the version it applied last,
+and a short lease that lets one process at a time write the user's lead.
 
-Redis may lose all of it: the lead id is then found on the portal again, and a lost version only
-means the next event is applied.
+Leases are taken, renewed and released for many users in one script call each. A lease lives
+`ttl_ms` unless renewed, so a process killed while writing blocks its users for at most that
+long. Redis may lose all of it: the lead id is found on the portal again, and a lost version
+only means the next event is applied.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
-from uuid import uuid4
+from typing import Any
 
 from redis.asyncio import Redis
 
-from b24sync.logs import get_logger
+# KEYS: lease and state key of each user, in pairs; ARGV: owner, ttl in ms. For each user,
+# {1, lead_id, version} when the lease is ours now (taken, or ours already), {0} when another
+# process holds it.
+_TAKE = """
+local out = {}
+for i = 1, #KEYS, 2 do
+  local holder = redis.call('GET', KEYS[i])
+  if holder == false or holder == ARGV[1] then
+    redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+    local state = redis.call('HMGET', KEYS[i + 1], 'lead_id', 'version')
+    out[#out + 1] = {1, state[1] or '', state[2] or ''}
+  else
+    out[#out + 1] = {0}
+  end
+end
+return out
+"""
 
-log = get_logger(__name__)
-
-# KEYS[1] user hash; ARGV: lead id, version ("" when the event had none).
-# The version only grows, so a late old event can never lower it.
-_RECORD = """
-redis.call('HSET', KEYS[1], 'lead_id', ARGV[1])
-if ARGV[2] ~= '' then
-  local current = tonumber(redis.call('HGET', KEYS[1], 'version'))
-  if current == nil or tonumber(ARGV[2]) > current then
-    redis.call('HSET', KEYS[1], 'version', ARGV[2])
+# KEYS: lease and state key of each user, in pairs; ARGV[1] owner, then per user four values:
+# lead id ('' to keep), version ('' to keep), '1' when the version is forced (written even if
+# lower), '1' to release the lease. The version only grows unless forced, so a late old event
+# never lowers it; a lease is released only while it is still ours.
+_FINISH = """
+for i = 1, #KEYS, 2 do
+  local at = 2 + (i - 1) * 2
+  local lead_id, version, forced, release = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  if lead_id ~= '' then
+    redis.call('HSET', KEYS[i + 1], 'lead_id', lead_id)
+  end
+  if version ~= '' then
+    local current = tonumber(redis.call('HGET', KEYS[i + 1], 'version'))
+    if forced == '1' or current == nil or tonumber(version) > current then
+      redis.call('HSET', KEYS[i + 1], 'version', version)
+    end
+  end
+  if release == '1' and redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('DEL', KEYS[i])
   end
 end
 return 1
 """
 
-# Renew or release a lock only while it is still ours (the token matches).
+# KEYS: leases; ARGV: owner, ttl in ms. Returns how many were no longer ours.
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local lost = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  else
+    lost = lost + 1
+  end
 end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
+return lost
 """
 
 
@@ -55,122 +77,74 @@ class UserState:
     version: int | None
 
 
-class UserStateStore:
-    def __init__(self, redis: Redis, prefix: str) -> None:
+@dataclass(frozen=True)
+class Finish:
+    """What a process learnt about a user's lead, and whether it is done with the user."""
+
+    user_id: int
+    lead_id: int | None = None
+    version: int | None = None
+    forced: bool = False
+    release: bool = True
+
+
+class UserLeases:
+    def __init__(self, redis: Redis, prefix: str, *, owner: str, ttl_ms: int) -> None:
         self._redis = redis
         self._prefix = prefix
-        self._record: Any = redis.register_script(_RECORD)
-
-    def _key(self, user_id: int) -> str:
-        return f"{self._prefix}:user:{user_id}"
-
-    async def get(self, user_id: int) -> UserState:
-        lead_id, version = await self._redis.hmget(self._key(user_id), ["lead_id", "version"])
-        return UserState(
-            lead_id=int(lead_id) if lead_id else None,
-            version=int(version) if version else None,
-        )
-
-    async def record(self, user_id: int, lead_id: int, version: int | None) -> None:
-        await self._record(
-            keys=[self._key(user_id)], args=[lead_id, "" if version is None else version]
-        )
-
-
-class UserBusyError(Exception):
-    """The user's earlier jobs kept the turn for longer than we wait."""
-
-
-# Whether a job may still run (waiting, delayed, active): only such a job keeps its turn.
-JobPending = Callable[[str], Awaitable[bool]]
-
-
-class UserLocks:
-    """Jobs of one user run one at a time and in the order they were queued, across processes.
-
-    Order: the consumer appends each job id to the user's list; a job runs only at the head of
-    it, and leaves it once it has its final outcome. A head that is no longer pending (finished,
-    removed, failed as stalled) is dropped by whoever finds it, so a lost job cannot block the
-    user. Exclusion: SET NX with a random token and a TTL, renewed while held, so a holder that
-    died blocks the user for at most one TTL (a job whose worker died is run again as stalled).
-    """
-
-    def __init__(
-        self,
-        redis: Redis,
-        prefix: str,
-        *,
-        is_pending: JobPending,
-        ttl_ms: int,
-        wait_s: float,
-    ) -> None:
-        self._redis = redis
-        self._prefix = prefix
-        self._is_pending = is_pending
+        self._owner = owner
         self._ttl_ms = ttl_ms
-        self._wait_s = wait_s
+        self._take: Any = redis.register_script(_TAKE)
+        self._finish: Any = redis.register_script(_FINISH)
         self._renew: Any = redis.register_script(_RENEW)
-        self._release: Any = redis.register_script(_RELEASE)
 
-    def _turns_key(self, user_id: int) -> str:
-        return f"{self._prefix}:turns:user:{user_id}"
+    @property
+    def ttl_ms(self) -> int:
+        return self._ttl_ms
 
-    async def enqueue(self, user_id: int, job_id: str) -> None:
-        await self._redis.rpush(self._turns_key(user_id), job_id)
+    def _keys(self, user_id: int) -> tuple[str, str]:
+        return f"{self._prefix}:lease:user:{user_id}", f"{self._prefix}:user:{user_id}"
 
-    async def finish(self, user_id: int, job_id: str) -> None:
-        """Passes the turn on. Best effort: the job's outcome is final already, and a finished
-        job left at the head is dropped by the next one anyway."""
-        try:
-            await self._redis.lrem(self._turns_key(user_id), 0, job_id)
-        except Exception as exc:
-            log.warning(f"[Bitrix] Could not pass on the turn of job {job_id}: {exc}")
-
-    async def _has_turn(self, user_id: int, job_id: str) -> bool:
-        key = self._turns_key(user_id)
-        while True:
-            head = cast(str | None, await self._redis.lindex(key, 0))
-            if head is None or head == job_id:
-                return True
-            if await self._is_pending(head):
-                return False
-            await self._redis.lrem(key, 1, head)
-
-    @contextlib.asynccontextmanager
-    async def hold(self, user_id: int, job_id: str) -> AsyncIterator[None]:
-        """Waits (at most `wait_s`) for the job's turn and the user's lock, holds the lock."""
-        key = f"{self._prefix}:lock:user:{user_id}"
-        token = uuid4().hex
-        deadline = time.monotonic() + self._wait_s
-        poll_s = 0.02
-        while not (
-            await self._has_turn(user_id, job_id)
-            and await self._redis.set(key, token, nx=True, px=self._ttl_ms)
-        ):
-            if time.monotonic() >= deadline:
-                raise UserBusyError(f"user {user_id} is busy with earlier jobs")
-            await asyncio.sleep(poll_s)
-            poll_s = min(poll_s * 2, 0.25)
-        renewer = asyncio.create_task(self._keep(key, token))
-        try:
-            yield
-        finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
-            try:
-                await self._release(keys=[key], args=[token])
-            except Exception as exc:  # The TTL frees the user anyway; keep the job's own outcome.
-                log.warning(f"[Bitrix] Could not release the lock {key}: {exc}")
-
-    async def _keep(self, key: str, token: str) -> None:
-        while True:
-            await asyncio.sleep(self._ttl_ms / 3000)
-            try:
-                renewed = await self._renew(keys=[key], args=[token, self._ttl_ms])
-            except Exception as exc:  # Redis hiccup: the next renewal may still succeed.
-                log.warning(f"[Bitrix] Could not renew the lock {key}: {exc}")
+    async def take(self, user_ids: Sequence[int]) -> dict[int, UserState | None]:
+        """Leases the users; for each, its state when the lease is ours, None when another
+        process holds it."""
+        if not user_ids:
+            return {}
+        keys = [key for user_id in user_ids for key in self._keys(user_id)]
+        rows = await self._take(keys=keys, args=[self._owner, self._ttl_ms])
+        taken: dict[int, UserState | None] = {}
+        for user_id, row in zip(user_ids, rows, strict=True):
+            if int(row[0]) != 1:
+                taken[user_id] = None
                 continue
-            if not renewed:
-                log.warning(f"[Bitrix] Lost the lock {key}; another job may run for this user")
-                return
+            lead_id, version = row[1], row[2]
+            taken[user_id] = UserState(
+                lead_id=int(lead_id) if lead_id else None,
+                version=int(version) if version else None,
+            )
+        return taken
+
+    async def finish(self, finished: Sequence[Finish]) -> None:
+        """Records what was learnt and releases the leases marked for release."""
+        if not finished:
+            return
+        keys: list[str] = []
+        args: list[str | int] = [self._owner]
+        for item in finished:
+            keys.extend(self._keys(item.user_id))
+            args.extend(
+                [
+                    "" if item.lead_id is None else item.lead_id,
+                    "" if item.version is None else item.version,
+                    "1" if item.forced else "0",
+                    "1" if item.release else "0",
+                ]
+            )
+        await self._finish(keys=keys, args=args)
+
+    async def renew(self, user_ids: Iterable[int]) -> int:
+        """Extends the leases still ours; returns how many were not (expired, taken over)."""
+        keys = [self._keys(user_id)[0] for user_id in user_ids]
+        if not keys:
+            return 0
+        return int(await self._renew(keys=keys, args=[self._owner, self._ttl_ms]))

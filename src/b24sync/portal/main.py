@@ -3,6 +3,8 @@
 REST: ``/rest/<user_id>/<code>/<method>[.json]``, GET or POST, JSON or form-encoded (PHP-style
 nested keys), accepted webhook ``settings.portal_webhook``; so the client's webhook URL is
 ``settings.portal_webhook_url``. Methods: crm.lead.add/update/get/list/delete/fields,
+crm.item.batchImport (leads only, ``entityTypeId`` 1, up to 20 items in ``data``, camelCase
+fields with phones in ``fm``; answers ``{"items": [{"item": {"id": N}} | {"error", ...}]}``),
 crm.status.list, crm.duplicate.findbycomm, batch.
 
 Admin API (no webhook; on the same port)::

@@ -19,13 +19,17 @@ from b24sync.portal.errors import (
 )
 from b24sync.portal.fields import LEADS, STATUSES, field_descriptions, status_rows
 from b24sync.portal.params import as_int, as_list, method_name, parse_query
-from b24sync.portal.query import apply_filter, apply_order, paginate, select_fields
+from b24sync.portal.query import apply_filter, apply_order, equal_to, paginate, select_fields
 from b24sync.portal.state import Portal
 
 MAX_BATCH_COMMANDS = 50
 MAX_DUPLICATE_VALUES = 20
+MAX_IMPORT_ITEMS = 20
+LEAD_ENTITY_TYPE_ID = 1
 # Methods that change data: the ones a random "timeout after write" fault applies to.
-WRITE_METHODS = frozenset({"crm.lead.add", "crm.lead.update", "crm.lead.delete", "batch"})
+WRITE_METHODS = frozenset(
+    {"crm.lead.add", "crm.lead.update", "crm.lead.delete", "crm.item.batchimport", "batch"}
+)
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,9 @@ async def _lead_delete(portal: Portal, params: dict[str, Any]) -> MethodResult:
 
 @_method("crm.lead.list")
 async def _lead_list(portal: Portal, params: dict[str, Any]) -> MethodResult:
-    rows = apply_filter(portal.store.scan(), params.get("filter"), LEADS)
+    origin_ids = equal_to(params.get("filter"), "ORIGIN_ID", LEADS)
+    candidates = portal.store.scan() if origin_ids is None else portal.store.with_origin(origin_ids)
+    rows = apply_filter(candidates, params.get("filter"), LEADS)
     rows = apply_order(rows, params.get("order"), LEADS)
     page = paginate(rows, params.get("start", 0))
     select = params.get("select")
@@ -138,6 +144,69 @@ async def _status_list(portal: Portal, params: dict[str, Any]) -> MethodResult:
     rows = apply_filter(status_rows(), params.get("filter"), STATUSES)
     page = paginate(apply_order(rows, params.get("order"), STATUSES), params.get("start"))
     return MethodResult(page.rows, page.total, page.next)
+
+
+# --- crm.item.batchImport ------------------------------------------------------------------
+
+# The lead fields `crm.item.*` names in camelCase, as `crm.lead.*` names them.
+_ITEM_FIELDS = {
+    "title": "TITLE",
+    "honorific": "HONORIFIC",
+    "name": "NAME",
+    "secondName": "SECOND_NAME",
+    "lastName": "LAST_NAME",
+    "birthdate": "BIRTHDATE",
+    "companyTitle": "COMPANY_TITLE",
+    "sourceId": "SOURCE_ID",
+    "sourceDescription": "SOURCE_DESCRIPTION",
+    "stageId": "STATUS_ID",
+    "statusDescription": "STATUS_DESCRIPTION",
+    "post": "POST",
+    "comments": "COMMENTS",
+    "opened": "OPENED",
+    "assignedById": "ASSIGNED_BY_ID",
+    "originatorId": "ORIGINATOR_ID",
+    "originId": "ORIGIN_ID",
+}
+
+
+def _lead_fields_of_item(item: dict[str, Any]) -> dict[str, Any]:
+    """A `crm.item` lead (camelCase fields; phones and e-mails in `fm`, each with `typeId`,
+    `valueType`, `value`) as the fields `crm.lead.add` takes. Unknown fields are dropped."""
+    fields = {_ITEM_FIELDS[key]: value for key, value in item.items() if key in _ITEM_FIELDS}
+    for entry in as_list(item.get("fm")):
+        if isinstance(entry, dict):
+            kind = str(entry.get("typeId") or "").upper()
+            value = {"VALUE": entry.get("value"), "VALUE_TYPE": entry.get("valueType")}
+            fields.setdefault(kind, []).append(value)
+    return fields
+
+
+@_method("crm.item.batchimport")
+async def _item_batch_import(portal: Portal, params: dict[str, Any]) -> MethodResult:
+    """Up to 20 new items of one type in one call (only leads live here, `entityTypeId` 1).
+    Each item gets its own answer: `{"item": {"id": N}}` or an error."""
+    if as_int(params.get("entitytypeid")) != LEAD_ENTITY_TYPE_ID:
+        raise PortalError(400, "NOT_FOUND", "Smart process not found")
+    items = as_list(params.get("data"))
+    if len(items) > MAX_IMPORT_ITEMS:
+        raise PortalError(
+            400,
+            "MAX_IMPORT_BATCH_SIZE_EXCEEDED",
+            f"You cannot import more than {MAX_IMPORT_ITEMS} items",
+        )
+    answers: list[dict[str, Any]] = []
+    for item in items:
+        if not isinstance(item, dict):
+            answers.append(
+                {
+                    "error": "CRM_FIELD_ERROR_VALUE_NOT_VALID",
+                    "error_description": "Item fields must be an object",
+                }
+            )
+            continue
+        answers.append({"item": {"id": await portal.store.add(_lead_fields_of_item(item))}})
+    return MethodResult({"items": answers})
 
 
 # --- crm.duplicate.findbycomm ---------------------------------------------------------------

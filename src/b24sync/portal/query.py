@@ -43,7 +43,7 @@ class _Condition:
     def holds(self, row: Row) -> bool:
         values = self._values(row)
         if self.operator in ("=", "@", "!", "!=", "!@"):
-            pairs = ((value, option) for value in values or [None] for option in self._options())
+            pairs = ((value, option) for value in values or [None] for option in self.options())
             found = any(self._equal(value, option) for value, option in pairs)
             return found if self.operator in ("=", "@") else not found
         if self.operator in ("%", "!%"):
@@ -60,7 +60,7 @@ class _Condition:
             return [entry["VALUE"] for entry in value or []]
         return [value]
 
-    def _options(self) -> list[Any]:
+    def options(self) -> list[Any]:
         """The values an equality test accepts: a list means IN; `@` also takes "a,b,c"."""
         if isinstance(self.expected, list | dict):
             return as_list(self.expected)
@@ -96,6 +96,18 @@ def _conditions(filter_params: Any, table: Table) -> list[_Condition]:
         numeric = field in table.numeric_fields
         conditions.append(_Condition(field, operator or "=", expected, numeric))
     return conditions
+
+
+def equal_to(filter_params: Any, field: str, table: Table) -> list[str] | None:
+    """The values a filter requires `field` to equal (`=`, `@` or no prefix), trimmed as the
+    portal trims them; None when it does not pin the field down."""
+    for condition in _conditions(filter_params, table):
+        if condition.field == field and condition.operator in ("=", "@"):
+            options = condition.options()
+            if any(_is_empty(option) for option in options):
+                return None  # "is empty" matches leads the values cannot name
+            return [str(option).strip() for option in options]
+    return None
 
 
 def apply_filter(rows: Iterable[Row], filter_params: Any, table: Table) -> list[Row]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -59,6 +59,8 @@ class LeadStore:
         self._state_file = state_file
         self._user_id = user_id
         self._leads: dict[int, Lead] = {}
+        # Lead ids by ORIGIN_ID: a look-up by the external id reads only its own leads.
+        self._by_origin: dict[str, set[int]] = {}
         self._next_lead_id = 1
         self._next_multi_id = 1
         self._db: aiosqlite.Connection | None = None
@@ -73,6 +75,7 @@ class LeadStore:
         async with self._db.execute("SELECT id, body FROM leads") as cursor:
             async for lead_id, body in cursor:
                 self._leads[int(lead_id)] = json.loads(body)
+                self._index(int(lead_id), None)
         async with self._db.execute("SELECT name, value FROM counters") as cursor:
             counters = {name: int(value) async for name, value in cursor}
         self._next_lead_id = counters.get("lead", max(self._leads, default=0) + 1)
@@ -85,6 +88,7 @@ class LeadStore:
 
     async def clear(self) -> None:
         self._leads.clear()
+        self._by_origin.clear()
         self._next_lead_id = 1
         self._next_multi_id = 1
         if self._db is not None:
@@ -106,6 +110,14 @@ class LeadStore:
         """Every lead, ordered by ID, as stored: to read, never to change or hand out. A search
         copies only what it answers with, not every lead it looks at."""
         return (self._leads[lead_id] for lead_id in sorted(self._leads))
+
+    def with_origin(self, origin_ids: Iterable[str]) -> Iterator[Lead]:
+        """The leads whose ORIGIN_ID is one of `origin_ids`, ordered by ID, as stored (like
+        `scan`)."""
+        found: set[int] = set()
+        for origin_id in origin_ids:
+            found |= self._by_origin.get(origin_id, set())
+        return (self._leads[lead_id] for lead_id in sorted(found))
 
     # --- writes -------------------------------------------------------------------------
 
@@ -131,6 +143,7 @@ class LeadStore:
         if not lead["TITLE"]:
             lead["TITLE"] = f"Lead #{lead_id}"
         self._leads[lead_id] = lead
+        self._index(lead_id, None)
         await self._persist(lead_id)
         return lead_id
 
@@ -138,17 +151,30 @@ class LeadStore:
         lead = self._leads.get(lead_id)
         if lead is None:
             return False
+        origin_id = lead.get("ORIGIN_ID")
         self._apply(lead, fields, _now_iso(), creating=False)
+        self._index(lead_id, origin_id)
         await self._persist(lead_id)
         return True
 
     async def delete(self, lead_id: int) -> bool:
-        if self._leads.pop(lead_id, None) is None:
+        lead = self._leads.get(lead_id)
+        if lead is None:
             return False
+        self._index(lead_id, lead.get("ORIGIN_ID"), removed=True)
+        del self._leads[lead_id]
         if self._db is not None:
             await self._db.execute("DELETE FROM leads WHERE id = ?", (lead_id,))
             await self._db.commit()
         return True
+
+    def _index(self, lead_id: int, previous: str | None, *, removed: bool = False) -> None:
+        """Keeps the ORIGIN_ID index right after a lead got (`previous`: had) its ORIGIN_ID."""
+        current = None if removed else self._leads[lead_id].get("ORIGIN_ID")
+        if previous is not None:
+            self._by_origin.get(previous, set()).discard(lead_id)
+        if current is not None:
+            self._by_origin.setdefault(current, set()).add(lead_id)
 
     def _apply(self, lead: Lead, fields: dict[str, Any], now: str, *, creating: bool) -> None:
         """Writes the known writable fields; a portal silently drops everything else."""
