@@ -91,6 +91,48 @@ def migrate() -> None:
 
 
 @app.command()
+def reconcile(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the differences; send nothing.")
+    ] = False,
+) -> None:
+    """Compare the portal's leads with Core's users (name, phone, stage) and send the drifted
+    users again; this overwrites edits made in Bitrix24 to those fields. Exit status: 0 in
+    sync, 1 differences found, 2 the check could not run."""
+    from b24sync.reconcile.main import run as run_reconcile
+
+    raise typer.Exit(run_reconcile(get_settings(), dry_run=dry_run))
+
+
+# Unknown options reach the command as ids: `-5` or `--faild` gets the same one-line answer
+# as any other bad id.
+@app.command(context_settings={"ignore_unknown_options": True})
+def resync(
+    user_ids: Annotated[
+        list[str] | None, typer.Argument(help="Ids of the users to send again.", metavar="ID")
+    ] = None,
+    failed: Annotated[bool, typer.Option("--failed", help="Every failed user.")] = False,
+    everyone: Annotated[bool, typer.Option("--all", help="Every user.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Send every field, applied even over a version the Bitrix service holds as "
+            "newer (overwrites edits made in Bitrix24).",
+        ),
+    ] = False,
+) -> None:
+    """Send users again as they are now: a new event each (a create while the lead id is
+    unknown, an update otherwise) with the fields changed since Bitrix24 last confirmed them.
+    For failures that wait for a change. Talks to the database directly; Core publishes."""
+    from b24sync.core.sync.resync_command import run as run_resync
+
+    raise typer.Exit(
+        run_resync(get_settings(), user_ids or [], failed=failed, everyone=everyone, force=force)
+    )
+
+
+@app.command()
 def run() -> None:
     """Run the whole system in the foreground (migrate, Core, Bitrix, and the emulator when no
     BITRIX_WEBHOOK_URL is set); Ctrl-C stops everything."""

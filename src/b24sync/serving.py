@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hmac
 import signal
 import socket
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import uvicorn
+from pydantic import SecretStr
 from starlette.responses import JSONResponse
 
 
@@ -63,6 +65,13 @@ class EmbeddedServer:
             self._server.should_exit = True
             await self._task
             self._task = None
+
+
+def bearer_token_matches(authorization: str, token: SecretStr) -> bool:
+    """Whether an `Authorization` header is `Bearer <token>` (compared in constant time)."""
+    scheme, _, given = authorization.partition(" ")
+    expected = token.get_secret_value().encode()
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
 
 
 def readiness_response(checks: Mapping[str, bool]) -> JSONResponse:

@@ -9,6 +9,8 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_STAGES = ["NEW", "IN_PROCESS", "PROCESSED", "JUNK", "CONVERTED"]
+# The client-side bucket (burst, requests a second) of each Bitrix24 plan; none when unlimited.
+BITRIX_PLANS: dict[str, tuple[int, float]] = {"standard": (45, 2.0), "enterprise": (240, 5.0)}
 
 
 class Settings(BaseSettings):
@@ -33,9 +35,23 @@ class Settings(BaseSettings):
     # Run the outbox relay in a process of its own instead of in every HTTP worker, so that
     # publishing keeps up while the HTTP workers are saturated (see core/outbox/process.py).
     outbox_relay_process: bool = False
-    # A change still unanswered this long after its event was published is sent again (same
-    # message_id; the wait doubles with each resend, up to a day). 0 turns resending off.
-    sync_resend_after_s: float = 600.0
+    # A user's latest event still unanswered this long after it was published is sent again
+    # (same message_id; the wait doubles with each resend, up to a day). 0 turns resending off.
+    # Short enough that jobs lost with Redis's data are sent again within a couple of minutes.
+    sync_resend_after_s: float = 60.0
+    # A user whose latest change failed for a transient reason is sent again by Core (a new
+    # event) after sync_retry_initial_s, doubling with each retry up to sync_retry_max_s
+    # (±20% jitter); at most sync_retry_batch users per pass of the relay. While retries
+    # wait, one of them goes early every sync_retry_probe_s: its success (the portal is back)
+    # brings the others forward. 0 for sync_retry_initial_s turns Core's retries off.
+    sync_retry_initial_s: float = 30.0
+    sync_retry_max_s: float = 3600.0
+    sync_retry_batch: int = 200
+    sync_retry_probe_s: float = 10.0
+    # For a Bitrix service that needs the lead id in every update and move (the original
+    # NestJS one): a user's updates and moves wait in the outbox until the create's reply
+    # brings the lead id, and a change of a user whose create failed is sent as a create.
+    hold_until_lead_id: bool = False
     # Grouped create statements running at once; creates that arrive meanwhile wait and are
     # written together by the next one (see core/users/repository.py).
     create_groups_in_flight: int = 2
@@ -54,31 +70,43 @@ class Settings(BaseSettings):
     redis_url: str = "redis://localhost:6379"
     bitrix_webhook_url: SecretStr | None = None
     bitrix_http_port: int = 3001
+    # When set, the Bitrix service's /metrics requires `Authorization: Bearer <token>`
+    # (/healthz and /readyz stay open for probes).
+    bitrix_http_token: SecretStr | None = None
     bullmq_queue: str = "bitrix_jobs"
     bullmq_prefix: str = "bull"
     job_attempts: int = 3
     job_backoff_ms: int = 2000
     job_remove_on_complete: int = 10
     job_remove_on_fail: int = 5
-    worker_concurrency: int = 10
     # Bitrix24 stage id for each Core stage; identity for stages not listed (JSON object).
     stage_map: dict[str, str] = Field(default_factory=dict)
     originator_id: str = "b24sync"
     phone_value_type: str = "WORK"
     bitrix_timeout_s: float = 30.0
-    # Client-side leaky bucket shared by all workers through Redis: Bitrix24's standard plan.
-    # A little under the portal's 50: a request that reaches the portal late, next to the
-    # following one, must not tip its full bucket over (measured: 1 answer in 201 at 50).
-    bitrix_rate_burst: int = 45
-    bitrix_rate_per_s: float = 2.0
-    # Calls of concurrent jobs sent together as one `batch` request (one request against the
-    # limit), up to this many commands (50 at most); 1 sends every call alone.
+    # The portal's plan sets the client-side leaky bucket that every process shares through
+    # Redis: standard (45 requests of burst, 2 a second: a little under the portal's 50, so a
+    # request that reaches the portal late, next to the following one, cannot tip its full
+    # bucket over), enterprise (240, 5 a second), unlimited (no bucket). bitrix_rate_burst and
+    # bitrix_rate_per_s override the plan's numbers.
+    bitrix_plan: Literal["standard", "enterprise", "unlimited"] = "standard"
+    bitrix_rate_burst: int | None = None
+    bitrix_rate_per_s: float | None = None
+    # Commands in one `batch` request (one request against the limit; 50 at most). Ready work
+    # leaves in requests this full as fast as the bucket allows; a lone change leaves at once.
     bitrix_batch_size: int = 50
+    # Requests one process has out at once: a request that hangs holds only its own commands.
+    bitrix_requests_in_flight: int = 4
+    # BullMQ jobs one process holds at once, waiting in the sync engine to be merged per user
+    # and sent in batches. After a kill -9 they come back to the queue as stalled jobs.
+    bitrix_max_jobs: int = 5000
+    # An event body larger than this is refused (a real one is well under 1 KB).
+    bitrix_event_max_bytes: int = 16384
     shutdown_timeout_s: float = 25.0
-    # Waits inside one attempt when Bitrix24 answers with a rate limit: QUERY_LIMIT_EXCEEDED
-    # waits bitrix_limit_wait_s x 1.5^n, OPERATION_TIME_LIMIT until the method's
-    # `operating_reset_at` (or bitrix_operation_limit_wait_s when unknown), each wait capped at
-    # bitrix_limit_max_wait_s; after bitrix_limit_max_waits waits the attempt fails.
+    # Rate-limit answers never fail a change: QUERY_LIMIT_EXCEEDED waits bitrix_limit_wait_s x
+    # 1.5^n, OPERATION_TIME_LIMIT until the method's `operating_reset_at` (or
+    # bitrix_operation_limit_wait_s when unknown), each wait capped at bitrix_limit_max_wait_s.
+    # A single `BitrixClient.request` (b24sync reconcile) gives up after bitrix_limit_max_waits.
     bitrix_limit_wait_s: float = 1.0
     bitrix_operation_limit_wait_s: float = 10.0
     bitrix_limit_max_waits: int = 5
@@ -88,11 +116,11 @@ class Settings(BaseSettings):
     job_lock_duration_ms: int = 30000
     job_stalled_interval_ms: int = 30000
     job_max_stalled_count: int = 1
-    # Jobs of one user run one at a time and in queue order, across processes: a job waits up
-    # to user_lock_wait_s for its turn and the user's lock (TTL user_lock_ttl_ms, renewed while
-    # held), then is postponed by user_busy_delay_ms without spending an attempt.
-    user_lock_ttl_ms: int = 30000
-    user_lock_wait_s: float = 5.0
+    # A process writes a user's lead only under the user's lease in Redis (TTL
+    # user_lease_ttl_ms, renewed while its write is in flight), so a process killed mid-write
+    # blocks its users for at most that long. A job of a user leased by another process goes
+    # back to the queue for user_busy_delay_ms, without spending an attempt.
+    user_lease_ttl_ms: int = 10000
     user_busy_delay_ms: int = 1000
 
     # --- Portal emulator ------------------------------------------------------------------
@@ -132,6 +160,17 @@ class Settings(BaseSettings):
     def portal_webhook_url(self) -> str:
         """The emulator's own webhook URL, used when no real portal is configured."""
         return f"http://127.0.0.1:{self.portal_port}/rest/{self.portal_webhook.get_secret_value()}"
+
+    @property
+    def bitrix_bucket(self) -> tuple[int, float] | None:
+        """The client-side bucket (burst, requests a second) for BITRIX_PLAN and its overrides;
+        None on the unlimited plan without overrides."""
+        burst, per_s = BITRIX_PLANS.get(self.bitrix_plan) or (None, None)
+        burst = self.bitrix_rate_burst or burst
+        per_s = self.bitrix_rate_per_s or per_s
+        if burst is None or per_s is None:
+            return None
+        return burst, per_s
 
     @property
     def effective_webhook_url(self) -> str:
