@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test lint format bench chaos clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: install
 	$(BIN)/python bench/core_api.py
 	$(BIN)/python bench/outbox_latency.py
 	$(BIN)/python bench/bitrix_throughput.py
+
+# The full fault suite on its own PostgreSQL, Redis and RabbitMQ (tests/chaos/; about 40 minutes).
+chaos: install
+	$(BIN)/python -m tests.chaos --profile full --report bench/results/chaos.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
