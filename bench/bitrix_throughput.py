@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -394,32 +394,40 @@ def run_light(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+async def disturbed_creates(
+    system: System, args: argparse.Namespace, disturb: Callable[[], Awaitable[None]]
+) -> tuple[Bench, list[str], float]:
+    """Creates `args.events` users, calls `disturb` once a third of them are answered, and
+    waits for the rest; returns the bench, the event ids and when the disturbance began."""
+    bench = Bench(system.queue, system.reply_queue)
+    async with bench.open():
+        created = await create_users(bench, range(1, args.events + 1))
+        await bench.until_answered(args.events // 3)
+        disturbed_at = time.perf_counter()
+        await disturb()
+        await bench.wait(created, args.timeout)
+    return bench, created, disturbed_at
+
+
 def run_hold(args: argparse.Namespace) -> dict[str, Any]:
     system = System(args.plan, 1)
     with system.running():
 
-        async def scenario() -> dict[str, Any]:
-            bench = Bench(system.queue, system.reply_queue)
-            async with bench.open():
-                created = await create_users(bench, range(1, args.events + 1))
-                await bench.until_answered(args.events // 3)
-                held_at = time.perf_counter()
-                async with httpx.AsyncClient() as http:
-                    await http.post(
-                        f"{system.portal_url}/admin/faults/script",
-                        json={"method": "batch", "kind": "timeout_after_write", "delay_s": 35},
-                    )
-                await bench.wait(created, args.timeout)
-            start = min(bench.sent.values())
-            return {
-                **bench.summary(created),
-                "held_at_s": round(held_at - start, 2),
-                "rate_before_hold_per_s": bench.rate_between(held_at - 10, held_at),
-                "rate_during_hold_per_s": bench.rate_between(held_at + 1, held_at + 30),
-            }
+        async def hold() -> None:
+            async with httpx.AsyncClient() as http:
+                await http.post(
+                    f"{system.portal_url}/admin/faults/script",
+                    json={"method": "batch", "kind": "timeout_after_write", "delay_s": 35},
+                )
 
-        result = asyncio.run(scenario())
-        result["portal"] = system.portal_report()
+        bench, created, held_at = asyncio.run(disturbed_creates(system, args, hold))
+        result = {
+            **bench.summary(created),
+            "held_at_s": round(held_at - min(bench.sent.values()), 2),
+            "rate_before_hold_per_s": bench.rate_between(held_at - 10, held_at),
+            "rate_during_hold_per_s": bench.rate_between(held_at + 1, held_at + 30),
+            "portal": system.portal_report(),
+        }
     return result
 
 
@@ -427,26 +435,18 @@ def run_kill(args: argparse.Namespace) -> dict[str, Any]:
     system = System(args.plan, 2)
     with system.running():
 
-        async def scenario() -> dict[str, Any]:
-            bench = Bench(system.queue, system.reply_queue)
-            async with bench.open():
-                created = await create_users(bench, range(1, args.events + 1))
-                await bench.until_answered(args.events // 3)
-                killed_at = time.perf_counter()
-                system.bitrix[0].send_signal(signal.SIGKILL)
-                await bench.wait(created, args.timeout)
-            start = min(bench.sent.values())
-            last = max(bench.answered.values())
-            return {
-                **bench.summary(created),
-                "killed_at_s": round(killed_at - start, 2),
-                "rate_before_kill_per_s": bench.rate_between(killed_at - 10, killed_at),
-                "rate_after_kill_per_s": bench.rate_between(killed_at + 1, killed_at + 11),
-                "seconds_from_kill_to_last_reply": round(last - killed_at, 2),
-            }
+        async def kill() -> None:
+            system.bitrix[0].send_signal(signal.SIGKILL)
 
-        result = asyncio.run(scenario())
-        result["portal"] = system.portal_report()
+        bench, created, killed_at = asyncio.run(disturbed_creates(system, args, kill))
+        result = {
+            **bench.summary(created),
+            "killed_at_s": round(killed_at - min(bench.sent.values()), 2),
+            "rate_before_kill_per_s": bench.rate_between(killed_at - 10, killed_at),
+            "rate_after_kill_per_s": bench.rate_between(killed_at + 1, killed_at + 11),
+            "seconds_from_kill_to_last_reply": round(max(bench.answered.values()) - killed_at, 2),
+            "portal": system.portal_report(),
+        }
     return result
 
 
