@@ -2,8 +2,11 @@
 
 Acknowledged by hand, after the database commit: a crash before it means a redelivery, which
 the rules in `sync.service` make harmless. A reply that cannot be read or applied is logged
-and acknowledged, so it never blocks the queue; only an unreachable database makes a reply go
-back to the queue (after a pause, so an outage does not spin).
+and acknowledged, so it never blocks the queue; only an unreachable database (or a conflict
+with a concurrent transaction) makes a reply go back to the queue, after a pause so that an
+outage does not spin. Up to `REPLY_CONCURRENCY` replies are applied at once, each in its own
+transaction: a user's row lock orders the replies of one user, and their order never mattered
+since each is tied to the event it answers.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 
 from faststream.message import StreamMessage
 from faststream.middlewares import AckPolicy
-from faststream.rabbit import RabbitBroker
+from faststream.rabbit import Channel, RabbitBroker
 from faststream.rabbit.annotations import RabbitMessage
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -30,6 +33,13 @@ RETRY_PAUSE_S = 1.0
 _LOGGED_BODY_CHARS = 2000
 # The database is unreachable (as opposed to refusing this one reply).
 _TRANSIENT = (OperationalError, InterfaceError, OSError, TimeoutError)
+# SQLSTATEs of a transaction PostgreSQL rolled back for a conflict with another (serialization
+# failure, deadlock): the same reply applies once tried again.
+_CONFLICT_STATES = frozenset({"40001", "40P01"})
+
+
+def _is_conflict(exc: DBAPIError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) in _CONFLICT_STATES
 
 
 async def handle_reply(
@@ -58,6 +68,9 @@ async def handle_reply(
         log.warning("[Core] Reply not applied, database unavailable; will retry", error=exc)
         return False
     except DBAPIError as exc:
+        if _is_conflict(exc):
+            log.info("[Core] Reply met a concurrent change; will retry", user_id=user_id)
+            return False
         log.error("[Core] Reply rejected by the database, dropped", user_id=user_id, error=exc)
         return True
     quiet = (Outcome.APPLIED, Outcome.UNCHANGED, Outcome.DUPLICATE)
@@ -83,12 +96,25 @@ def register_reply_consumer(
     settings: Settings,
     sessionmaker: async_sessionmaker[AsyncSession],
 ) -> None:
+    slots = asyncio.Semaphore(settings.reply_concurrency)
+    running: set[asyncio.Task[None]] = set()
+
     @broker.subscriber(
         durable_queue(settings.rabbitmq_reply_queue, settings.rabbitmq_queue_type),
+        # Deliveries beyond the replies being applied wait in RabbitMQ, not in this process.
+        channel=Channel(prefetch_count=2 * settings.reply_concurrency),
         ack_policy=AckPolicy.MANUAL,
         decoder=_raw_body,
     )
     async def on_reply(message: RabbitMessage) -> None:
+        # Returns once the reply has a slot: the next delivery is read meanwhile.
+        await slots.acquire()
+        task = asyncio.create_task(_settle(message))
+        running.add(task)
+        task.add_done_callback(running.discard)
+        task.add_done_callback(lambda _: slots.release())
+
+    async def _settle(message: RabbitMessage) -> None:
         # FastStream makes a correlation id up when the message has none: read the real one.
         correlation_id = message.raw_message.correlation_id
         try:
