@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format bench chaos clean
+.PHONY: install chromium run test lint format bench chaos clean asyncapi
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# The dashboard's browser test drives Debian's chromium; Playwright downloads no browser.
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
 
 run: install
 	$(BIN)/b24sync run
@@ -26,8 +30,12 @@ format: install
 	$(BIN)/ruff check --fix src tests bench
 	$(BIN)/ruff format src tests bench
 
-test: lint
+test: lint chromium
 	$(BIN)/pytest
+
+# docs/asyncapi.yaml from the message models (tests/contracts/test_asyncapi.py checks it is current).
+asyncapi: install
+	$(BIN)/python -m b24sync.contracts.asyncapi docs/asyncapi.yaml
 
 bench: install
 	$(BIN)/python bench/core_api.py

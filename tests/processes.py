@@ -42,6 +42,26 @@ def service_environment(settings: Settings, **extra: str) -> dict[str, str]:
     }
 
 
+async def start_command(settings: Settings, *args: str) -> asyncio.subprocess.Process:
+    """`b24sync <args>` run as an operator runs it, on the test's database and queues."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "b24sync",
+        *args,
+        env=service_environment(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def finished(process: asyncio.subprocess.Process) -> tuple[int, str, str]:
+    """The exit status, standard output and standard error of a command started above."""
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
 class ServiceProcess:
     """One `b24sync <command>` process with its output collected line by line; `start` returns
     once the process printed `ready_line`."""

@@ -1,7 +1,10 @@
-"""The compose file and Dockerfile cannot run here (no Docker engine): check their structure."""
+"""The compose file and Dockerfile cannot run here (no Docker engine): check their structure,
+and have Compose itself (v2 `docker compose`, v1 `docker-compose`) read the files when present."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,12 @@ from b24sync.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 APP_SERVICES = {"migrate", "core", "bitrix", "portal"}
 INFRA_SERVICES = {"postgres", "redis", "rabbitmq"}
+INFRA_PORTS = {
+    "postgres": ["5432:5432"],
+    "redis": ["6379:6379"],
+    "rabbitmq": ["5672:5672", "15672:15672"],
+}
+PORTS_OVERRIDE = ROOT / "docker-compose.ports.yml"
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +31,61 @@ def compose() -> dict[str, Any]:
     return loaded
 
 
+def _compose_commands() -> dict[str, list[str]]:
+    """The Compose binaries on this machine: v2 as a docker CLI plugin, v1 as docker-compose."""
+    found: dict[str, list[str]] = {}
+    docker = shutil.which("docker")
+    if docker is not None:
+        probe = subprocess.run([docker, "compose", "version"], capture_output=True, check=False)
+        if probe.returncode == 0:
+            found["v2"] = [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    if legacy is not None:
+        found["v1"] = [legacy]
+    return found
+
+
+COMPOSE = _compose_commands()
+
+
 def _cli_commands() -> set[str]:
     return {command.name or command.callback.__name__ for command in app.registered_commands}
 
 
 def test_compose_has_every_service(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == APP_SERVICES | INFRA_SERVICES
+
+
+def test_compose_file_has_no_top_level_name(compose: dict[str, Any]) -> None:
+    # Compose v1 (Debian's docker-compose) refuses the top-level `name:` of the newer spec.
+    assert "name" not in compose
+
+
+def test_infrastructure_ports_only_in_the_override(compose: dict[str, Any]) -> None:
+    # Published by default, they would clash with the local services the README asks for.
+    for name in INFRA_SERVICES:
+        assert "ports" not in compose["services"][name], f"{name} publishes ports by default"
+    override: dict[str, Any] = yaml.safe_load(PORTS_OVERRIDE.read_text())
+    published = {name: service["ports"] for name, service in override["services"].items()}
+    assert published == INFRA_PORTS
+
+
+@pytest.mark.parametrize(
+    "files", [["docker-compose.yml"], ["docker-compose.yml", PORTS_OVERRIDE.name]]
+)
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_compose_accepts_the_files(version: str, files: list[str]) -> None:
+    if version not in COMPOSE:
+        pytest.skip(f"Compose {version} is not installed")
+    options = [argument for name in files for argument in ("-f", name)]
+    result = subprocess.run(
+        [*COMPOSE[version], *options, "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("name", sorted(INFRA_SERVICES | {"core", "bitrix", "portal"}))

@@ -1,13 +1,50 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import structlog
 
-from b24sync.logs import configure_logging, get_logger, mask_secrets, shorten, webhook_secret
+from b24sync.logs import (
+    configure_logging,
+    get_logger,
+    mask_name,
+    mask_personal,
+    mask_phone,
+    mask_secrets,
+    shorten,
+    webhook_secret,
+)
 
 WEBHOOK = "https://example.bitrix24.kz/rest/17/sj4byqtjd3p5j3wq/crm.lead.add.json"
+EVENT = {
+    "pattern": "user_created",
+    "data": {
+        "action": "create_card",
+        "user": {"id": 1, "full_name": "Иван Иванов", "phone": "+77001112233", "stage": "NEW"},
+    },
+}
+
+
+def _logged(capsys: pytest.CaptureFixture[str], *, personal_data: bool) -> dict[str, Any]:
+    """One line of each shape that carries personal data, as LOG_JSON renders it."""
+    configure_logging("INFO", json=True, personal_data=personal_data)
+    try:
+        get_logger("test").info(
+            "[Core] About to emit message to BITRIX_SERVICE: "
+            + json.dumps(EVENT, ensure_ascii=False),
+            escaped=json.dumps(EVENT),  # ensure_ascii: the name as \\u escapes
+            python=repr(EVENT["data"]),  # a dict as Python prints it
+            full_name="Пётр Петров",
+            phone="+77009998877",
+        )
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+    finally:
+        structlog.reset_defaults()
+        configure_logging("DEBUG")  # as tests/conftest.py set it
+    record: dict[str, Any] = json.loads(line)
+    return record
 
 
 def test_mask_hides_the_webhook_code() -> None:
@@ -28,7 +65,7 @@ def test_log_lines_never_carry_secrets(capsys: pytest.CaptureFixture[str]) -> No
         line = capsys.readouterr().out.strip().splitlines()[-1]
     finally:
         structlog.reset_defaults()
-        configure_logging("DEBUG")
+        configure_logging("DEBUG")  # as tests/conftest.py set it
     record = json.loads(line)
     assert record["event"] == "[Bitrix] Calling Bitrix24 API"
     assert "sj4byqtjd3p5j3wq" not in line
@@ -52,3 +89,40 @@ def test_shorten_keeps_short_text_as_it_is() -> None:
 def test_shorten_cuts_and_says_how_much() -> None:
     assert shorten("x" * 8_000_000, 10) == "xxxxxxxxxx… (7999990 more characters)"
     assert shorten("Иван Иванов", 4) == "Иван… (7 more characters)"
+
+
+def test_masks_of_names_and_phones() -> None:
+    assert mask_name("Иван Иванов") == "И*** И***"
+    assert mask_name(" Пользователь  без телефона ") == "П*** б*** т***"
+    assert mask_phone("+77001112233") == "+7******2233"
+    assert mask_phone("87001112233") == "8******2233"
+    assert mask_phone("+7700") == "*****"  # too short to show any of it
+
+
+def test_personal_data_is_masked_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    record = _logged(capsys, personal_data=False)
+    rendered = json.dumps(record, ensure_ascii=False)
+    for value in ("Иван", "Иванов", "+77001112233", "7001112233", "Пётр", "+77009998877"):
+        assert value not in rendered
+    assert "\\u0418\\u0432\\u0430\\u043d" not in rendered  # "Иван", escaped
+    assert record["event"] == (
+        '[Core] About to emit message to BITRIX_SERVICE: {"pattern": "user_created", "data": '
+        '{"action": "create_card", "user": {"id": 1, "full_name": "И*** И***", '
+        '"phone": "+7******2233", "stage": "NEW"}}}'
+    )
+    assert json.loads(record["escaped"])["data"]["user"]["full_name"] == "И*** И***"
+    assert "'full_name': 'И*** И***', 'phone': '+7******2233'" in record["python"]
+    assert (record["full_name"], record["phone"]) == ("П*** П***", "+7******8877")
+
+
+def test_personal_data_is_shown_with_log_pii(capsys: pytest.CaptureFixture[str]) -> None:
+    record = _logged(capsys, personal_data=True)
+    assert record["event"].endswith(json.dumps(EVENT, ensure_ascii=False))
+    assert json.loads(record["escaped"]) == EVENT
+    assert (record["full_name"], record["phone"]) == ("Пётр Петров", "+77009998877")
+
+
+def test_a_body_cut_short_stays_masked() -> None:
+    cut = shorten(json.dumps(EVENT, ensure_ascii=False), 100)
+    assert "Иван" in cut
+    assert "Иван" not in mask_personal(cut)

@@ -1,11 +1,15 @@
 """Logging for every service: structlog on top of stdlib logging, with secrets masked.
 
 Log lines keep the seed's vocabulary (``[Core] ...``, ``[Bitrix] ...``). The webhook URL is the
-Bitrix24 credential, so every rendered line passes through :func:`mask_secrets`.
+Bitrix24 credential, so every rendered line passes through :func:`mask_secrets`. A user's full
+name and phone are personal data: unless ``LOG_PII`` is set, every line shows them masked
+(:func:`mask_personal`), whether they come as a field of the line or inside a body it quotes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json as jsonlib
 import logging
 import re
 import sys
@@ -18,6 +22,18 @@ import structlog
 _WEBHOOK_PATH = re.compile(r"(/rest/\d+/)([^/\s?#\"'&]+)")
 _MASK = "***"
 _extra_secrets: set[str] = set()
+
+# Personal data: the fields of a user that name or reach a person.
+_PERSONAL_KEYS = frozenset({"full_name", "phone"})
+# `"full_name": "..."` or `'phone': '...'` (or a bare number) inside a quoted body: JSON or a
+# Python repr, as a message, a reply or a validation error shows it; a value cut short by
+# `shorten` runs to the end of the text.
+_PERSONAL_FIELD = re.compile(
+    r"""(?P<key>(?P<kq>["'])(?P<name>full_name|phone)(?P=kq)\s*:\s*)"""
+    r"""(?:(?P<q>["'])(?P<text>(?:\\.|(?!(?P=q)).)*)(?:(?P=q)|$)|(?P<number>\d[\d.]*))"""
+)
+_PHONE_TAIL = 4  # digits left visible at the end of a phone
+_show_personal = False
 
 
 def register_secret(value: str | None) -> None:
@@ -39,15 +55,57 @@ def mask_secrets(text: str) -> str:
     return text
 
 
-def _mask_value(value: Any) -> Any:
+def mask_name(name: str) -> str:
+    """`Иван Иванов` → `И*** И***`: the first letter of each word."""
+    return " ".join(word[0] + _MASK for word in name.split())
+
+
+def mask_phone(phone: str) -> str:
+    """`+77001112233` → `+7******2233`: the country's first digit and the last four."""
+    head = 2 if phone.startswith("+") else 1
+    hidden = len(phone) - head - _PHONE_TAIL
+    if hidden < 2:
+        return "*" * len(phone)
+    return phone[:head] + "*" * hidden + phone[-_PHONE_TAIL:]
+
+
+def _mask_personal_value(key: str, value: str) -> str:
+    return mask_phone(value) if key == "phone" else mask_name(value)
+
+
+def _mask_field(match: re.Match[str]) -> str:
+    name = match["name"]
+    number = match["number"]
+    if number is not None:
+        return match["key"] + _mask_personal_value(name, number)
+    quote, text = match["q"], match["text"]
+    if quote == '"' and "\\" in text:
+        with contextlib.suppress(ValueError):  # a body cut short mid-escape: masked as it is
+            text = jsonlib.loads(f'"{text}"')
+    masked = _mask_personal_value(name, text)
+    if quote == '"':
+        masked = jsonlib.dumps(masked, ensure_ascii=False)[1:-1]
+    return f"{match['key']}{quote}{masked}{quote}"
+
+
+def mask_personal(text: str) -> str:
+    """`text` with the full names and phones of the bodies it quotes masked, unless LOG_PII."""
+    if _show_personal or ("full_name" not in text and "phone" not in text):
+        return text
+    return _PERSONAL_FIELD.sub(_mask_field, text)
+
+
+def _mask_value(value: Any, key: str = "") -> Any:
     if isinstance(value, str):
-        return mask_secrets(value)
+        if key in _PERSONAL_KEYS and not _show_personal:
+            return _mask_personal_value(key, value)
+        return mask_personal(mask_secrets(value))
     if isinstance(value, dict):
-        return {key: _mask_value(item) for key, item in value.items()}
+        return {name: _mask_value(item, str(name)) for name, item in value.items()}
     if isinstance(value, list | tuple):
         return [_mask_value(item) for item in value]
     if isinstance(value, BaseException):
-        return mask_secrets(f"{type(value).__name__}: {value}")
+        return mask_personal(mask_secrets(f"{type(value).__name__}: {value}"))
     return value
 
 
@@ -55,12 +113,32 @@ def _mask_processor(
     _: Any, __: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     for key, value in list(event_dict.items()):
-        event_dict[key] = _mask_value(value)
+        event_dict[key] = _mask_value(value, key)
     return event_dict
 
 
-def configure_logging(level: str = "INFO", json: bool = False, secrets: Iterable[str] = ()) -> None:
-    """One format for our lines and third-party ones (uvicorn, aio-pika), masked alike."""
+class _Stdout:
+    """`sys.stdout` as it is at each write, not at configuration: a stdout replaced later (a
+    test's capture, say) receives the lines."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+def configure_logging(
+    level: str = "INFO",
+    json: bool = False,
+    secrets: Iterable[str] = (),
+    *,
+    personal_data: bool = False,
+) -> None:
+    """One format for our lines and third-party ones (uvicorn, aio-pika), masked alike.
+    `personal_data` (LOG_PII) shows full names and phones as they are."""
+    global _show_personal
+    _show_personal = personal_data
     for secret in secrets:
         register_secret(secret)
     renderer: Any = (
@@ -76,10 +154,10 @@ def configure_logging(level: str = "INFO", json: bool = False, secrets: Iterable
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, _mask_processor, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(_Stdout()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(_Stdout())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],

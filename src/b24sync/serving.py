@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import hmac
+import os
 import signal
 import socket
 from collections.abc import Iterator, Mapping
@@ -14,6 +15,8 @@ from typing import Any
 import uvicorn
 from pydantic import SecretStr
 from starlette.responses import JSONResponse
+
+from b24sync.errors import port_in_use
 
 
 class _Server(uvicorn.Server):
@@ -24,8 +27,9 @@ class _Server(uvicorn.Server):
         yield
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Binds here rather than in uvicorn, which would exit the process on a busy port."""
+def bind_socket(host: str, port: int, port_setting: str) -> socket.socket:
+    """Binds here rather than in uvicorn, which would exit the process on a busy port; a port
+    that cannot be bound raises `StartupError` naming `port_setting` (PORT, ...)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # An explicit IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted sockets only when the
     # listener says TCP, and without it every answer waits ~40 ms for a delayed ACK.
@@ -33,25 +37,31 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise port_in_use(host, port, port_setting, exc) from exc
     return sock
+
+
+def check_port_free(host: str, port: int, port_setting: str) -> None:
+    """Raises `StartupError` naming `port_setting` when `port` cannot be bound on `host` now."""
+    bind_socket(host, port, port_setting).close()
 
 
 class EmbeddedServer:
     """uvicorn serving `app` in a task of the current loop; `start()` returns once it accepts."""
 
-    def __init__(self, app: Any, host: str, port: int, **config: Any) -> None:
+    def __init__(self, app: Any, host: str, port: int, *, port_setting: str, **config: Any) -> None:
         config.setdefault("access_log", False)  # request lines can carry secrets
         config.setdefault("log_config", None)  # keep the structlog handlers
         self.host = host
         self.port = port
+        self.port_setting = port_setting
         self._server = _Server(uvicorn.Config(app, **config))
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        sock = bind_socket(self.host, self.port)
+        sock = bind_socket(self.host, self.port, self.port_setting)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
             if self._task.done():
@@ -74,17 +84,30 @@ def bearer_token_matches(authorization: str, token: SecretStr) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
 
 
-def readiness_response(checks: Mapping[str, bool]) -> JSONResponse:
+def health_answer() -> dict[str, str | int]:
+    """Every service's `/healthz` answer. The process ids tell `b24sync run` that the answer
+    came from the child it started (or a worker of it), not from another process on the port."""
+    return {"status": "ok", "pid": os.getpid(), "ppid": os.getppid()}
+
+
+def readiness_response(checks: Mapping[str, bool | str]) -> JSONResponse:
     """Every service's `/readyz` answer: 200 when every dependency is reachable, 503 otherwise,
-    with each one's state ("ok" or "unreachable")."""
-    ready = all(checks.values())
+    with each one's state: "ok", "unreachable", or the reason it cannot be used (a check
+    answers a string for that)."""
+    ready = all(ok is True for ok in checks.values())
     return JSONResponse(
         {
             "status": "ready" if ready else "not ready",
-            "checks": {name: "ok" if ok else "unreachable" for name, ok in checks.items()},
+            "checks": {name: _check_state(ok) for name, ok in checks.items()},
         },
         status_code=200 if ready else 503,
     )
+
+
+def _check_state(ok: bool | str) -> str:
+    if isinstance(ok, str):
+        return ok
+    return "ok" if ok else "unreachable"
 
 
 async def wait_for_stop_signal() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -11,6 +13,17 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 DEFAULT_STAGES = ["NEW", "IN_PROCESS", "PROCESSED", "JUNK", "CONVERTED"]
 # The client-side bucket (burst, requests a second) of each Bitrix24 plan; none when unlimited.
 BITRIX_PLANS: dict[str, tuple[int, float]] = {"standard": (45, 2.0), "enterprise": (240, 5.0)}
+# An incoming webhook's path: /rest/<user id>/<code>, the trailing slash optional.
+_WEBHOOK_PATH = re.compile(r"/rest/\d+/[^/]+/?")
+# The first field of each group of Settings below, in their order: `settings_by_group` reads
+# the groups from here (the `--help` of every command lists the settings it reads).
+GROUP_STARTS = {
+    "port": "core",
+    "rabbitmq_url": "messaging",
+    "redis_url": "bitrix",
+    "portal_port": "portal",
+    "log_level": "logging",
+}
 
 
 class Settings(BaseSettings):
@@ -57,6 +70,9 @@ class Settings(BaseSettings):
     create_groups_in_flight: int = 2
     db_pool_size: int = 20
     db_max_overflow: int = 10
+    # Replies Core applies at once, each in its own transaction (its connections come from the
+    # pool, DB_POOL_SIZE).
+    reply_concurrency: int = Field(default=8, ge=1, le=256)
 
     # --- Messaging ------------------------------------------------------------------------
     rabbitmq_url: str = "amqp://guest:guest@localhost:5672"
@@ -126,6 +142,9 @@ class Settings(BaseSettings):
     # --- Portal emulator ------------------------------------------------------------------
     portal_port: int = 3100
     portal_host: str = "127.0.0.1"
+    # Where the other services reach the emulator (unset: http://127.0.0.1:PORTAL_PORT); in
+    # Compose, the emulator's own container.
+    portal_url: str | None = None
     portal_webhook: SecretStr = SecretStr("1/b24sync-local")
     portal_rate_limit: Literal["standard", "enterprise", "off"] = "standard"
     portal_state_file: str | None = None
@@ -148,6 +167,11 @@ class Settings(BaseSettings):
     # --- Logging --------------------------------------------------------------------------
     log_level: str = "INFO"
     log_json: bool = False
+    # Full names and phones in log lines as they are; masked otherwise (`И*** И***`,
+    # `+7******2233`).
+    log_pii: bool = False
+    # One line per HTTP request to Core: method, path, status, duration.
+    access_log: bool = True
 
     @field_validator("stages", mode="before")
     @classmethod
@@ -156,10 +180,30 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("bitrix_webhook_url")
+    @classmethod
+    def _check_webhook_url(cls, value: SecretStr | None) -> SecretStr | None:
+        # The message never repeats the URL: its last segment is the secret code.
+        if value is None:
+            return value
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http(s) URL; expected https://PORTAL/rest/USER_ID/CODE/")
+        if not _WEBHOOK_PATH.fullmatch(parts.path):
+            raise ValueError(
+                "not an incoming webhook's path; expected https://PORTAL/rest/USER_ID/CODE/"
+            )
+        return value
+
+    @property
+    def portal_base_url(self) -> str:
+        """Where the emulator answers, for the services beside it."""
+        return (self.portal_url or f"http://127.0.0.1:{self.portal_port}").rstrip("/")
+
     @property
     def portal_webhook_url(self) -> str:
         """The emulator's own webhook URL, used when no real portal is configured."""
-        return f"http://127.0.0.1:{self.portal_port}/rest/{self.portal_webhook.get_secret_value()}"
+        return f"{self.portal_base_url}/rest/{self.portal_webhook.get_secret_value()}"
 
     @property
     def bitrix_bucket(self) -> tuple[int, float] | None:
@@ -177,6 +221,16 @@ class Settings(BaseSettings):
         if self.bitrix_webhook_url is not None:
             return self.bitrix_webhook_url.get_secret_value()
         return self.portal_webhook_url
+
+
+def settings_by_group() -> dict[str, list[str]]:
+    """The names of the settings of each group (core, messaging, bitrix, portal, logging)."""
+    groups: dict[str, list[str]] = {}
+    group = ""
+    for name in Settings.model_fields:
+        group = GROUP_STARTS.get(name, group)
+        groups.setdefault(group, []).append(name)
+    return groups
 
 
 @lru_cache

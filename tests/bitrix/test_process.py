@@ -146,7 +146,7 @@ async def test_a_worker_killed_mid_call_ends_in_one_lead_and_one_reply(
 ) -> None:
     first, second = await _kill_mid_call_and_restart(spawn, admin, bus, settings)
     message = await bus.reply_message(wait_s=30)
-    await second.wait_for("[Bitrix] Job evt-99 completed after 1 attempt(s)")
+    await second.wait_for("[Bitrix] Job completed successfully attempts=1 job_id=evt-99")
     assert await second.stop() == 0
 
     (lead,) = await admin.leads()

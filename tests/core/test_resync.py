@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from typing import Any
 
 import httpx
@@ -15,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionm
 
 from b24sync.core.app import create_app
 from b24sync.settings import Settings
+from tests.conftest import eventually
 from tests.core.helpers import (
     answer,
     create_user,
@@ -26,6 +25,7 @@ from tests.core.helpers import (
     success,
 )
 from tests.core.test_api import SEED_CREATE, counts
+from tests.processes import finished, start_command
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -133,22 +133,13 @@ async def test_resync_needs_the_token(
 # --- b24sync resync -------------------------------------------------------------------------
 
 
+async def start_resync(settings: Settings, *args: str) -> asyncio.subprocess.Process:
+    return await start_command(settings, "resync", *args)
+
+
 async def b24sync_resync(settings: Settings, *args: str) -> tuple[int, str, str]:
-    env = {**os.environ, "DATABASE_URL": settings.database_url,
-           "RABBITMQ_REPLY_QUEUE": settings.rabbitmq_reply_queue}  # fmt: skip
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "b24sync",
-        "resync",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    """Runs the command without following the sync (nothing answers in these tests)."""
+    return await finished(await start_resync(settings, *args, "--no-wait"))
 
 
 async def test_the_command_sends_named_failed_or_all_users(
@@ -212,5 +203,40 @@ async def test_the_command_says_when_the_database_cannot_be_used(
     )
     code, out, err = await b24sync_resync(unreachable, "--all")
     assert (code, out) == (1, "")
-    assert len(err.strip().splitlines()) == 1
-    assert err.startswith("b24sync resync: cannot use the database: ")
+    assert err.splitlines() == [
+        "b24sync resync: cannot reach PostgreSQL at postgresql://127.0.0.1:9/nowhere "
+        "(Connection refused): check DATABASE_URL"
+    ]
+
+
+async def test_the_command_follows_the_users_until_bitrix24_answered(
+    core_settings: Settings, committed: Sessions
+) -> None:
+    first = await create_user(committed, core_settings)
+    second = await create_user(committed, core_settings, "Пётр Петров")
+    process = await start_resync(core_settings, "--all")
+
+    async def both_sent() -> bool:
+        return all([len(await events_of(committed, u.id)) == 2 for u in (first, second)])
+
+    await eventually(both_sent, wait_s=30)
+    await publish_all(committed)
+    for user_id, reply in ((first.id, success), (second.id, error)):
+        *_, latest = await events_of(committed, user_id)
+        await answer(committed, core_settings, reply(user_id, 1), latest.id)
+    code, out, err = await finished(process)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0] == "Sent 2 user(s) again."
+    assert "Bitrix24: 1 synced, 1 failed" in out
+    assert "2/2" in out
+
+
+async def test_the_command_goes_on_after_a_user_id(
+    core_settings: Settings, committed: Sessions
+) -> None:
+    users = [await create_user(committed, core_settings, f"Пользователь {n}") for n in range(3)]
+    code, out, _ = await b24sync_resync(core_settings, "--all", "--after", str(users[0].id))
+    assert (code, out.strip()) == (0, "Sent 2 user(s) again.")
+    assert [len(await events_of(committed, user.id)) for user in users] == [1, 2, 2]
+    code, _, err = await b24sync_resync(core_settings, "--failed", "--after", "5")
+    assert (code, err.strip()) == (2, "b24sync resync: --after goes with --all")

@@ -87,7 +87,7 @@ async def test_state_file_survives_a_restart(start_portal: StartPortal, tmp_path
 async def test_serve_portal_yields_the_base_url(settings: Settings) -> None:
     async with serve_portal(settings) as base_url, httpx.AsyncClient() as http:
         assert base_url == f"http://127.0.0.1:{settings.portal_port}"
-        assert (await http.get(f"{base_url}/healthz")).json() == {"status": "ok"}
+        assert (await http.get(f"{base_url}/healthz")).json()["status"] == "ok"
         added = await http.post(
             f"{settings.portal_webhook_url}/crm.lead.add", json={"fields": {"NAME": "Ivan"}}
         )

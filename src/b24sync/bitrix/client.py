@@ -14,17 +14,17 @@ the URL: they name the REST method instead.
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import socket
 import time
 from collections.abc import Mapping
 from typing import Any, Self
 
 import httpx
+from redis.exceptions import RedisError
 
 from b24sync.bitrix import metrics
 from b24sync.bitrix.ratelimit import MethodBlockedError, RateLimiter
+from b24sync.bitrix.stats import LIMIT_ANSWERS, REQUESTS, RequestStats
+from b24sync.errors import os_reason
 from b24sync.logs import get_logger
 
 log = get_logger(__name__)
@@ -54,8 +54,6 @@ PERMANENT_CODES = frozenset(
 NETWORK_ERROR = "NETWORK_ERROR"
 TIMEOUT = "TIMEOUT"
 INVALID_RESPONSE = "INVALID_RESPONSE"
-# asyncio folds per-address connect failures into "Multiple exceptions: [Errno 111] ...".
-_ERRNO = re.compile(r"\[Errno (\d+)\]")
 
 
 class BitrixError(Exception):
@@ -134,7 +132,10 @@ class BitrixClient:
         operation_limit_wait_s: float,
         max_limit_waits: int,
         max_limit_wait_s: float = 60.0,
+        stats: RequestStats | None = None,
     ) -> None:
+        """`stats`: where requests and limit answers are counted for Core's pipeline view (a
+        limiter given its key counts the requests itself)."""
         self._base_url = webhook_url.rstrip("/")
         self._limiter = limiter
         self._timeout_s = timeout_s
@@ -142,6 +143,7 @@ class BitrixClient:
         self._operation_limit_wait_s = operation_limit_wait_s
         self._max_limit_waits = max_limit_waits
         self._max_limit_wait_s = max_limit_wait_s
+        self._stats = stats
         # Per method: when Bitrix24 said its operating-time counter resets (unix seconds).
         self._operating_reset_at: dict[str, float] = {}
         # Redirects are not followed: a moved portal would turn the POST into a GET.
@@ -191,6 +193,8 @@ class BitrixClient:
         `heard` from the portal is passed on to every worker sharing the limiter: a full
         bucket, or the method blocked for as long."""
         delay_s = min(self._limit_delay_s(err, waits), self._max_limit_wait_s)
+        if heard:
+            await self._count(LIMIT_ANSWERS)
         if self._limiter is not None and heard:
             if err.code == QUERY_LIMIT_EXCEEDED:
                 await self._limiter.fill()
@@ -211,6 +215,7 @@ class BitrixClient:
         Raises the OPERATION_TIME_LIMIT error while another worker was told `method` is
         blocked."""
         if self._limiter is None:
+            await self._count(REQUESTS)
             return
         try:
             await self._limiter.acquire(method=method)
@@ -223,6 +228,15 @@ class BitrixClient:
                 transient=True,
                 retry_after_s=blocked.retry_after_s,
             ) from None
+
+    async def _count(self, kind: str) -> None:
+        """Counts for the pipeline view; the figures are not worth failing a request for."""
+        if self._stats is None:
+            return
+        try:
+            await self._stats.count(kind)
+        except (RedisError, OSError) as exc:
+            log.debug(f"[Bitrix] Could not count a {kind} figure: {exc}")
 
     async def _request_once(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         await self.take_request_slot(method)
@@ -321,15 +335,6 @@ class BitrixClient:
 def _network_reason(exc: BaseException) -> str:
     """The OS-level reason of a transport error (`ConnectError: Connection refused`), built from
     errno alone: the messages of the underlying errors can carry hosts and URLs."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, socket.gaierror) and seen.strerror:
-            return f"{type(exc).__name__}: {seen.strerror}"
-        if isinstance(seen, OSError):
-            number = seen.errno
-            if number is None and (found := _ERRNO.search(str(seen))):
-                number = int(found.group(1))
-            if number is not None:
-                return f"{type(exc).__name__}: {os.strerror(number)}"
-        seen = seen.__cause__ or seen.__context__
-    return type(exc).__name__
+    name = type(exc).__name__
+    reason = os_reason(exc)
+    return name if reason == name else f"{name}: {reason}"

@@ -9,9 +9,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import SecretStr
 
-from b24sync.serving import bearer_token_matches, readiness_response
+from b24sync.serving import bearer_token_matches, health_answer, readiness_response
 
-ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
+ReadinessCheck = Callable[[], Awaitable[dict[str, bool | str]]]
 
 
 def create_app(readiness: ReadinessCheck, token: SecretStr | None = None) -> FastAPI:
@@ -19,8 +19,8 @@ def create_app(readiness: ReadinessCheck, token: SecretStr | None = None) -> Fas
     app = FastAPI(title="b24sync Bitrix service", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz() -> dict[str, str | int]:
+        return health_answer()
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:

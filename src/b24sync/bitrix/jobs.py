@@ -132,7 +132,7 @@ class JobHandler:
             raise
         metrics.JOBS.labels(outcome="skipped" if reply.skipped else "success").inc()
         metrics.JOB_ATTEMPTS.observe(attempt)
-        log.info("[Bitrix] Job completed successfully", job_id=job.id)
+        log.info("[Bitrix] Job completed successfully", job_id=job.id, attempts=attempt)
         return {"bitrix_lead_id": reply.bitrix_lead_id, "skipped": bool(reply.skipped)}
 
     @staticmethod
@@ -237,7 +237,8 @@ def attach_job_logging(worker: Worker, handler: JobHandler) -> None:
     pending: set[asyncio.Task[None]] = set()
 
     def on_completed(job: Any, _result: Any) -> None:
-        log.info(f"[Bitrix] Job {job.id} completed after {job.attemptsMade} attempt(s)")
+        # Repeats "Job completed successfully" (INFO): kept in the seed's words, one level down.
+        log.debug(f"[Bitrix] Job {job.id} completed after {job.attemptsMade} attempt(s)")
 
     def on_failed(job: Any, err: BaseException) -> None:
         # The worker reports every failed attempt; only the last one fails the job.

@@ -10,8 +10,10 @@ import asyncio
 from uuid import uuid4
 
 import uvloop
+from aio_pika.exceptions import AMQPError
 from bullmq import Queue, Worker
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from b24sync.bitrix.client import BitrixClient
 from b24sync.bitrix.consumer import EventConsumer
@@ -19,11 +21,14 @@ from b24sync.bitrix.engine import SyncEngine
 from b24sync.bitrix.http import create_app
 from b24sync.bitrix.jobs import JobHandler, attach_job_logging, job_options
 from b24sync.bitrix.leads import LeadFields
+from b24sync.bitrix.portal_check import PortalCheck
 from b24sync.bitrix.ratelimit import RateLimiter
 from b24sync.bitrix.replies import ReplySender
 from b24sync.bitrix.state import UserLeases
+from b24sync.bitrix.stats import RequestStats
 from b24sync.bitrix.transport import Transport
 from b24sync.bitrix.worker import create_worker, run_worker
+from b24sync.errors import unreachable
 from b24sync.logs import configure_logging, get_logger, register_secret, webhook_secret
 from b24sync.messaging import ConfirmedPublisher, describe_url
 from b24sync.serving import EmbeddedServer, wait_for_stop_signal
@@ -41,13 +46,19 @@ def create_client(settings: Settings, redis: Redis) -> BitrixClient:
     """The Bitrix24 client of every process that calls the portal: each takes its requests from
     the one bucket in Redis (`BITRIX_PLAN`), so together they stay within the portal's limit."""
     bucket = settings.bitrix_bucket
+    stats = RequestStats(redis, key_prefix(settings))
     return BitrixClient(
         settings.effective_webhook_url,
         limiter=None
         if bucket is None
         else RateLimiter(
-            redis, f"{key_prefix(settings)}:ratelimit", burst=bucket[0], rate_per_s=bucket[1]
+            redis,
+            f"{key_prefix(settings)}:ratelimit",
+            burst=bucket[0],
+            rate_per_s=bucket[1],
+            stats_key=stats.key,
         ),
+        stats=stats,
         timeout_s=settings.bitrix_timeout_s,
         limit_wait_s=settings.bitrix_limit_wait_s,
         operation_limit_wait_s=settings.bitrix_operation_limit_wait_s,
@@ -70,8 +81,14 @@ class BitrixService:
         self._worker_task: asyncio.Task[None] | None = None
         self._consumer: EventConsumer | None = None
         self._http: EmbeddedServer | None = None
+        self._portal_check: PortalCheck | None = None
 
     async def start(self) -> None:
+        """Raises `StartupError` (one line naming the setting) when Redis or RabbitMQ cannot
+        be reached, the portal rejects the webhook, or the HTTP port is taken. Unlike Core,
+        which serves its API while it waits for RabbitMQ, this service has nothing to do
+        without RabbitMQ and Redis: it stops, for the supervisor or the orchestrator to start
+        it again. A portal that cannot be reached is waited for (see `PortalCheck`)."""
         try:
             await self._start()
         except BaseException:
@@ -85,11 +102,26 @@ class BitrixService:
         if settings.bitrix_http_token is not None:
             register_secret(settings.bitrix_http_token.get_secret_value())
         self._redis = Redis.from_url(settings.redis_url, decode_responses=True)
-        await self._redis.ping()
-        await self._publisher.connect()
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError) as exc:
+            where = describe_url(settings.redis_url)
+            raise unreachable("Redis", where, exc, "REDIS_URL") from None
+        try:
+            await self._publisher.connect()
+        except (AMQPError, OSError, TimeoutError) as exc:
+            where = describe_url(settings.rabbitmq_url)
+            raise unreachable("RabbitMQ", where, exc, "RABBITMQ_URL") from None
         replies = ReplySender(self._publisher)
 
         self._client = create_client(settings, self._redis)
+        self._portal_check = PortalCheck(
+            self._client,
+            setting="BITRIX_WEBHOOK_URL"
+            if settings.bitrix_webhook_url is not None
+            else "PORTAL_PORT and PORTAL_WEBHOOK (no BITRIX_WEBHOOK_URL: the emulator)",
+        )
+        await self._portal_check.start()
         self._transport = Transport(
             self._client,
             max_commands=settings.bitrix_batch_size,
@@ -135,6 +167,7 @@ class BitrixService:
             create_app(self.readiness, settings.bitrix_http_token),
             settings.host,
             settings.bitrix_http_port,
+            port_setting="BITRIX_HTTP_PORT",
             log_level="warning",
             lifespan="off",
         )
@@ -145,7 +178,7 @@ class BitrixService:
             f"health on :{settings.bitrix_http_port}"
         )
 
-    async def readiness(self) -> dict[str, bool]:
+    async def readiness(self) -> dict[str, bool | str]:
         redis_ok = False
         if self._redis is not None:
             try:
@@ -155,7 +188,8 @@ class BitrixService:
         rabbit_ok = (
             self._consumer is not None and self._consumer.connected and self._publisher.connected
         )
-        return {"rabbitmq": rabbit_ok, "redis": redis_ok}
+        problem = "not started" if self._portal_check is None else self._portal_check.problem
+        return {"rabbitmq": rabbit_ok, "redis": redis_ok, "bitrix24": problem or True}
 
     async def stop(self) -> None:
         """Stops consuming and fetching; jobs not yet being written go back to the queue at
@@ -190,6 +224,9 @@ class BitrixService:
         if self._queue is not None:
             await self._queue.close()
             self._queue = None
+        if self._portal_check is not None:
+            await self._portal_check.stop()
+            self._portal_check = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -218,5 +255,5 @@ async def serve(settings: Settings) -> None:
 
 def run(settings: Settings) -> None:
     # The webhook code is registered as a secret when the service starts.
-    configure_logging(settings.log_level, settings.log_json)
+    configure_logging(settings.log_level, settings.log_json, personal_data=settings.log_pii)
     uvloop.run(serve(settings))

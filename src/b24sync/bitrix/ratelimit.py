@@ -18,11 +18,14 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-# KEYS[1] the bucket hash {level, ts}, KEYS[2] the method's block; ARGV: burst, rate per
-# second, cost. Returns 0 when the cost was taken, otherwise the milliseconds to wait before
-# trying again: negative while the method is blocked (nothing taken). Time comes from the Redis
-# server so that clocks of the callers do not matter.
-_ACQUIRE = """
+from b24sync.bitrix.stats import REQUESTS, count_lua
+
+# KEYS[1] the bucket hash {level, ts}, KEYS[2] the method's block, KEYS[3] (optional) the
+# request counters' prefix (stats.py); ARGV: burst, rate per second, cost, and the counters'
+# kind. Returns 0 when the cost was taken (counted as requests when KEYS[3] is given),
+# otherwise the milliseconds to wait before trying again: negative while the method is blocked
+# (nothing taken). Time comes from the Redis server so that clocks of the callers do not matter.
+_ACQUIRE = f"""
 local blocked = redis.call('PTTL', KEYS[2])
 if blocked > 0 then
   return -blocked
@@ -40,6 +43,9 @@ if level + cost <= burst then
   level = level + cost
   redis.call('HSET', KEYS[1], 'level', tostring(level), 'ts', tostring(now))
   redis.call('PEXPIRE', KEYS[1], math.ceil(level / rate * 1000) + 1000)
+  if KEYS[3] then
+{count_lua(key=3, kind=4, amount=3)}
+  end
   return 0
 end
 return math.ceil((level + cost - burst) / rate * 1000)
@@ -64,13 +70,24 @@ class MethodBlockedError(Exception):
 
 
 class RateLimiter:
-    def __init__(self, redis: Redis, key: str, *, burst: int, rate_per_s: float) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        key: str,
+        *,
+        burst: int,
+        rate_per_s: float,
+        stats_key: str | None = None,
+    ) -> None:
+        """`stats_key`: the request counters' prefix (`stats.stats_key`); each request taken
+        is counted there, inside the same script call."""
         if burst < 1 or rate_per_s <= 0:
             raise ValueError("the rate limit needs burst >= 1 and rate_per_s > 0")
         self._redis = redis
         self._key = key
         self._burst = burst
         self._rate_per_s = rate_per_s
+        self._stats_key = stats_key
         self._acquire_script: Any = redis.register_script(_ACQUIRE)
         self._fill_script: Any = redis.register_script(_FILL)
 
@@ -79,10 +96,12 @@ class RateLimiter:
         Raises `MethodBlockedError` while `method` is blocked."""
         if not 1 <= cost <= self._burst:
             raise ValueError(f"cost must be between 1 and {self._burst}")
+        keys = [self._key, self._block_key(method)]
+        if self._stats_key is not None:
+            keys.append(self._stats_key)
         wait_ms = int(
             await self._acquire_script(
-                keys=[self._key, self._block_key(method)],
-                args=[self._burst, self._rate_per_s, cost],
+                keys=keys, args=[self._burst, self._rate_per_s, cost, REQUESTS]
             )
         )
         if wait_ms < 0:

@@ -80,8 +80,16 @@ class UserPayload(BaseModel):
     full_name: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
     phone: str | None = Field(default=None, max_length=MAX_PHONE_CHARS)
     stage: str | None = Field(default=None, max_length=MAX_STAGE_CHARS)
-    bitrix_lead_id: int | None = Field(default=None, ge=1, le=MAX_ID)
-    version: int | None = Field(default=None, ge=1, le=MAX_VERSION)
+    bitrix_lead_id: int | None = Field(
+        default=None, ge=1, le=MAX_ID, description="The user's lead id, when Core knows it."
+    )
+    version: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_VERSION,
+        description="Grows with every change of the user; an older version never overwrites "
+        "a newer one. Absent from the seed's NestJS Core's events.",
+    )
 
     def wire(self) -> dict[str, Any]:
         """The fields the sender actually set, so an echo looks like what came in."""
@@ -94,16 +102,26 @@ class EventData(BaseModel):
     action: Action
     user: UserPayload
     reply_queue: str = Field(
-        default=DEFAULT_REPLY_QUEUE, alias="replyQueue", min_length=1, max_length=255
+        default=DEFAULT_REPLY_QUEUE,
+        alias="replyQueue",
+        min_length=1,
+        max_length=255,
+        description="The queue the reply goes to; the Bitrix service answers only on its own "
+        "configured reply queue.",
     )
-    # The fields that changed since the version Bitrix24 last confirmed for this user, whatever
-    # the action: a write carries all of them, and only them (what a salesperson edited in
-    # Bitrix24 is left alone). None when the producer does not say (the seed's own Core): the
-    # action then decides (a create or an update writes every field it carries, a move the stage).
-    changed: list[UserField] | None = None
-    # Core restates the user after the Bitrix service answered with a version Core never had
-    # (a forged or foreign event): write it even though a "newer" version was recorded.
-    force: bool = False
+    changed: list[UserField] | None = Field(
+        default=None,
+        description="The fields that changed since the version Bitrix24 last confirmed for "
+        "this user, whatever the action: a write carries all of them, and only them (what a "
+        "salesperson edited in Bitrix24 is left alone). Absent when the producer does not say "
+        "(the seed's own Core): the action then decides (a create or an update writes every "
+        "field it carries, a move the stage).",
+    )
+    force: bool = Field(
+        default=False,
+        description="Write the user even though a newer version was recorded: Core restates "
+        "the user after the Bitrix service answered with a version Core never had.",
+    )
 
 
 class Event(BaseModel):
@@ -142,20 +160,32 @@ class ReplyData(BaseModel):
     user: UserPayload | None = None
     user_id: int | None = Field(default=None, ge=1, le=MAX_ID)
     bitrix_lead_id: int | None = Field(default=None, ge=1, le=MAX_ID)
-    attempts: int | None = None
-    reason: str | None = None
-    # Bitrix24's error code ("" for CRM business errors), or the Bitrix service's own
-    # (NETWORK_ERROR, TIMEOUT, ...).
-    error_code: str | None = None
-    # On an error: whether sending the same change again may succeed (network, timeout, 5xx,
-    # limits) or not before the user or the setup changes (validation, auth, scope). None when
-    # the sender does not say (the original NestJS service).
-    retryable: bool | None = None
-    # A success that wrote nothing: the event was superseded by a newer one of the same user,
-    # or older than the version already applied. Proves nothing about the lead by itself.
-    skipped: bool | None = None
-    # On a skipped reply: the version the Bitrix service had already applied for the user.
-    applied_version: int | None = Field(default=None, ge=1)
+    attempts: int | None = Field(default=None, description="Attempts the job took.")
+    reason: str | None = Field(
+        default=None, description="Why it failed (or was skipped); `error` in the NestJS shape."
+    )
+    error_code: str | None = Field(
+        default=None,
+        description='Bitrix24\'s error code ("" for CRM business errors), or the Bitrix '
+        "service's own (NETWORK_ERROR, TIMEOUT, ...).",
+    )
+    retryable: bool | None = Field(
+        default=None,
+        description="On an error: whether sending the same change again may succeed (network, "
+        "timeout, 5xx, limits) or not before the user or the setup changes (validation, auth, "
+        "scope). Absent when the sender does not say (the original NestJS service).",
+    )
+    skipped: bool | None = Field(
+        default=None,
+        description="A success that wrote nothing: the event was superseded by a newer one of "
+        "the same user, or older than the version already applied. Proves nothing about the "
+        "lead by itself.",
+    )
+    applied_version: int | None = Field(
+        default=None,
+        ge=1,
+        description="On a skipped reply: the version the Bitrix service had already applied.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -11,20 +11,28 @@ from contextlib import asynccontextmanager, suppress
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from faststream.rabbit import RabbitBroker
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from b24sync.apidocs import add_swagger_ui
 from b24sync.core.backoff import Backoff
+from b24sync.core.dashboard.endpoints import page_router as dashboard_page_router
+from b24sync.core.dashboard.endpoints import router as dashboard_router
 from b24sync.core.db import DRIVER_CONNECTION_ERRORS, create_engine, create_sessionmaker
 from b24sync.core.dependencies import require_token
 from b24sync.core.exceptions import CoreError, sendable_error
 from b24sync.core.health import router as health_router
-from b24sync.core.middleware import BodySizeLimitMiddleware, QueryEncodingMiddleware
+from b24sync.core.middleware import (
+    AccessLogMiddleware,
+    BodySizeLimitMiddleware,
+    QueryEncodingMiddleware,
+)
 from b24sync.core.migrate import check_schema
 from b24sync.core.outbox.relay import Relay
+from b24sync.core.pipeline.endpoints import close_queue_reader
+from b24sync.core.pipeline.endpoints import router as pipeline_router
 from b24sync.core.sync.consumer import register_reply_consumer
 from b24sync.core.sync.endpoints import metrics_router as sync_metrics_router
 from b24sync.core.sync.endpoints import router as sync_router
@@ -58,7 +66,7 @@ async def connect_broker(broker: RabbitBroker, url: str) -> None:
             delay = backoff.failed()
             if backoff.should_log:
                 log.warning(
-                    "[Core] RabbitMQ unreachable, will retry",
+                    "[Core] RabbitMQ unreachable, will retry: check RABBITMQ_URL",
                     url=describe_url(url),
                     error=exc,
                     retry_in_s=delay,
@@ -100,6 +108,7 @@ def create_app(settings: Settings) -> FastAPI:
             await asyncio.gather(*tasks, return_exceptions=True)
             with suppress(Exception):
                 await broker.stop()
+            await close_queue_reader(app)
             await engine.dispose()
 
     app = FastAPI(
@@ -114,6 +123,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.add_middleware(BodySizeLimitMiddleware)
     app.add_middleware(QueryEncodingMiddleware)
+    if settings.access_log:  # outermost: it sees the answers of the checks above too
+        app.add_middleware(AccessLogMiddleware)
     app.include_router(health_router)
     # Without CORE_API_TOKEN there is nothing to check: no dependency to run on every request.
     token_check = [Depends(require_token)] if settings.core_api_token is not None else []
@@ -121,17 +132,18 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(sync_metrics_router, dependencies=token_check)
     app.include_router(users_router, dependencies=token_check)
     app.include_router(sync_router, dependencies=token_check)
+    app.include_router(pipeline_router, dependencies=token_check)
+    # The page and its files hold no data: it asks for the token and sends it with its calls.
+    app.include_router(dashboard_page_router)
+    app.include_router(dashboard_router, dependencies=token_check)
     docs = APIRouter(dependencies=token_check, include_in_schema=False)
 
     @docs.get("/openapi.json")
     async def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    @docs.get("/docs")
-    async def swagger() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
-
     app.include_router(docs)
+    add_swagger_ui(app, dependencies=token_check)
 
     @app.exception_handler(CoreError)
     async def core_error(_: Request, exc: CoreError) -> JSONResponse:

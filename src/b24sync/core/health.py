@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from b24sync.serving import readiness_response
+from b24sync.serving import health_answer, readiness_response
 
 router = APIRouter(tags=["health"])
 
@@ -17,8 +17,8 @@ CHECK_TIMEOUT_S = 2.0
 
 
 @router.get("/healthz", summary="The process is alive")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz() -> dict[str, str | int]:
+    return health_answer()
 
 
 async def _database_ok(engine: AsyncEngine) -> bool:

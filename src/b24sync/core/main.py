@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import sys
 from typing import Any
 
 import uvicorn
 import uvloop
-from sqlalchemy.exc import DBAPIError
 
-from b24sync.core.db import create_engine
-from b24sync.core.migrate import SchemaNotReadyError, check_schema
+from b24sync.core.migrate import check_database
 from b24sync.core.outbox import process as outbox_process
 from b24sync.logs import configure_logging, get_logger
-from b24sync.serving import EmbeddedServer, wait_for_stop_signal
+from b24sync.serving import EmbeddedServer, check_port_free, wait_for_stop_signal
 from b24sync.settings import Settings
 
 log = get_logger(__name__)
@@ -32,31 +29,20 @@ def tune_gc() -> None:
 
 def configure_core_logging(settings: Settings) -> None:
     token = settings.core_api_token.get_secret_value() if settings.core_api_token else None
-    configure_logging(settings.log_level, settings.log_json, secrets=[token] if token else [])
-
-
-async def _check_database(settings: Settings) -> None:
-    engine = create_engine(settings)
-    try:
-        await check_schema(engine)
-    finally:
-        await engine.dispose()
+    configure_logging(
+        settings.log_level,
+        settings.log_json,
+        secrets=[token] if token else [],
+        personal_data=settings.log_pii,
+    )
 
 
 def run(settings: Settings) -> None:
+    """Raises `StartupError` (one line: the setting to check) when the database is unreachable
+    or not migrated, or the port is taken."""
     configure_core_logging(settings)
-    try:
-        asyncio.run(_check_database(settings))
-    except SchemaNotReadyError as exc:
-        log.error(f"[Core] Refusing to start: {exc}")
-        sys.exit(1)
-    except (OSError, DBAPIError) as exc:
-        log.error(
-            "[Core] Refusing to start: cannot use the database "
-            "(is PostgreSQL up, and did `b24sync migrate` create it?)",
-            error=str(exc.orig if isinstance(exc, DBAPIError) else exc),
-        )
-        sys.exit(1)
+    asyncio.run(check_database(settings))
+    check_port_free(settings.host, settings.port, "PORT")
     options = {
         "http": "httptools",
         "timeout_graceful_shutdown": int(settings.shutdown_timeout_s),
@@ -91,7 +77,9 @@ def _serve_http(settings: Settings, options: dict[str, Any]) -> None:
 async def _serve(settings: Settings, options: dict[str, Any]) -> None:
     from b24sync.core.app import create_app
 
-    server = EmbeddedServer(create_app(settings), settings.host, settings.port, **options)
+    server = EmbeddedServer(
+        create_app(settings), settings.host, settings.port, port_setting="PORT", **options
+    )
     await server.start()
     try:
         await wait_for_stop_signal()

@@ -15,17 +15,65 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from b24sync.core.db import async_url, asyncpg_dsn
+from b24sync.core.db import async_url, asyncpg_dsn, create_engine
+from b24sync.errors import StartupError, unreachable
 from b24sync.logs import get_logger
+from b24sync.messaging import describe_url
 from b24sync.settings import Settings
 
 log = get_logger(__name__)
 
 
-class SchemaNotReadyError(RuntimeError):
+class SchemaNotReadyError(StartupError):
     pass
+
+
+def database_error(exc: BaseException, database_url: str) -> StartupError:
+    """The one line for a database that cannot be used: unreachable, refusing the login,
+    missing, or a DATABASE_URL that is no URL. Never shows the password."""
+    if isinstance(exc, StartupError):
+        return exc
+    if isinstance(exc, ArgumentError | ValueError):
+        return StartupError(f"DATABASE_URL: not a PostgreSQL URL ({exc})")
+    where = describe_url(database_url)
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, asyncpg.InvalidCatalogNameError):
+            return StartupError(
+                f"the database at {where} does not exist: run `b24sync migrate` (it creates it) "
+                "or check DATABASE_URL"
+            )
+        if isinstance(seen, asyncpg.InvalidAuthorizationSpecificationError):
+            return StartupError(f"PostgreSQL at {where} refused the login: check DATABASE_URL")
+        if isinstance(seen, asyncpg.PostgresError):
+            return StartupError(f"PostgreSQL at {where}: {seen}: check DATABASE_URL")
+        seen = seen.__cause__ or seen.__context__
+    return unreachable("PostgreSQL", where, exc, "DATABASE_URL")
+
+
+async def checked_engine(settings: Settings) -> AsyncEngine:
+    """An engine on a database that is reachable and fully migrated; raises `StartupError`
+    (with the engine disposed) otherwise."""
+    try:
+        engine = create_engine(settings)
+    except ArgumentError as exc:
+        raise database_error(exc, settings.database_url) from exc
+    try:
+        await check_schema(engine)
+    except BaseException as exc:
+        await engine.dispose()
+        if isinstance(exc, OSError | DBAPIError | asyncpg.PostgresError):
+            raise database_error(exc, settings.database_url) from exc
+        raise
+    return engine
+
+
+async def check_database(settings: Settings) -> None:
+    """Raises `StartupError` unless the database is reachable and fully migrated."""
+    await (await checked_engine(settings)).dispose()
 
 
 def alembic_config() -> Config:
@@ -42,7 +90,7 @@ async def create_database_if_missing(database_url: str) -> bool:
     url = make_url(database_url)
     name = url.database
     if not name:
-        raise ValueError("DATABASE_URL names no database")
+        raise StartupError("DATABASE_URL names no database")
     maintenance = asyncpg_dsn(url.set(database="postgres").render_as_string(hide_password=False))
     connection = await asyncpg.connect(maintenance)
     try:
@@ -88,5 +136,8 @@ async def check_schema(engine: AsyncEngine) -> None:
 
 
 def migrate(settings: Settings) -> None:
-    asyncio.run(upgrade_head(settings.database_url))
+    try:
+        asyncio.run(upgrade_head(settings.database_url))
+    except (OSError, ValueError, ArgumentError, DBAPIError, asyncpg.PostgresError) as exc:
+        raise database_error(exc, settings.database_url) from exc
     log.info("[Core] Database migrated", revision=head_revision())

@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException
 
 from b24sync.portal.faults import FaultConfig, ScriptedFault
 from b24sync.portal.state import Portal
+from b24sync.serving import health_answer
 
 
 def admin_router(portal: Portal) -> APIRouter:
@@ -22,8 +23,8 @@ def admin_router(portal: Portal) -> APIRouter:
         }
 
     @router.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz() -> dict[str, str | int]:
+        return health_answer()
 
     @router.get("/admin/leads")
     async def leads() -> list[dict[str, Any]]:

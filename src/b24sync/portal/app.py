@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from b24sync.apidocs import add_swagger_ui
 from b24sync.logs import get_logger
 from b24sync.portal.admin import admin_router
 from b24sync.portal.errors import PortalError, query_limit_exceeded
@@ -102,7 +103,10 @@ def create_app(settings: Settings, portal: Portal | None = None) -> FastAPI:
         yield
         await state.close()
 
-    app = FastAPI(title="Bitrix24 portal emulator", lifespan=lifespan)
+    app = FastAPI(
+        title="Bitrix24 portal emulator", lifespan=lifespan, docs_url=None, redoc_url=None
+    )
+    add_swagger_ui(app)
     app.state.portal = state
     app.include_router(admin_router(state))
 

@@ -9,7 +9,7 @@ crm.status.list, crm.duplicate.findbycomm, batch.
 
 Admin API (no webhook; on the same port)::
 
-    GET    /healthz                 {"status": "ok"}
+    GET    /healthz                 {"status": "ok", "pid", "ppid"}
     GET    /admin/leads             every lead, ordered by ID, exactly as crm.lead.get returns it
                                     (string values: "ID": "12"; PHONE/EMAIL included when set)
     GET    /admin/leads/{id}        one lead, or 404
@@ -146,6 +146,7 @@ class PortalServer:
             create_app(self.settings, self.portal),
             self.settings.portal_host,
             self.settings.portal_port,
+            port_setting="PORTAL_PORT",
             http=_protocol_for(self.portal),
             lifespan="on",
             timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
@@ -204,6 +205,9 @@ async def _serve_until_stopped(settings: Settings) -> None:
 
 def run(settings: Settings) -> None:
     configure_logging(
-        settings.log_level, settings.log_json, secrets=[settings.portal_webhook.get_secret_value()]
+        settings.log_level,
+        settings.log_json,
+        secrets=[settings.portal_webhook.get_secret_value()],
+        personal_data=settings.log_pii,
     )
     asyncio.run(_serve_until_stopped(settings))

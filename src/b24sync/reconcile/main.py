@@ -98,6 +98,7 @@ def run(settings: Settings, *, dry_run: bool) -> int:
         settings.log_level,
         settings.log_json,
         secrets=[secret for secret in [webhook_secret(settings.effective_webhook_url)] if secret],
+        personal_data=settings.log_pii,
     )
     try:
         return asyncio.run(reconcile(settings, dry_run=dry_run, console=Console()))

@@ -174,6 +174,17 @@ async def oldest_unanswered(
     return _answered_event(row) if row is not None else None
 
 
+async def history(session: AsyncSession, user_id: int, limit: int) -> Sequence[OutboxEvent]:
+    """The user's latest `limit` events, newest first, with the answers they got."""
+    statement = (
+        select(OutboxEvent)
+        .where(OutboxEvent.user_id == user_id)
+        .order_by(OutboxEvent.seq.desc())
+        .limit(limit)
+    )
+    return (await session.scalars(statement)).all()
+
+
 async def record_answer(
     session: AsyncSession, event_id: UUID, status: AnswerStatus, reason: str | None
 ) -> None:

@@ -277,15 +277,14 @@ class ResyncService:
         after_id: int,
         only: SyncStatus | None = None,
         force: bool = False,
-    ) -> tuple[int, int | None]:
+    ) -> Sequence[int]:
         """Resyncs the next page of users (of status `only` when given) after id `after_id`;
-        returns how many were sent and the page's last id, None when no user was left."""
+        returns their ids in order, none when no user was left."""
         user_ids = await UserRepository(session).page_of_ids(
             after_id, RESYNC_PAGE_SIZE, sync_status=only
         )
-        if not user_ids:
-            return 0, None
-        return await self.resync(session, settings, user_ids, force=force), user_ids[-1]
+        await self.resync(session, settings, user_ids, force=force)
+        return user_ids
 
     async def resync_all(
         self,
@@ -298,13 +297,11 @@ class ResyncService:
         """Resyncs every user (of status `only` when given), page by page, in the caller's
         transaction; returns how many were sent."""
         total, after_id = 0, 0
-        while True:
-            sent, last_id = await self.resync_page(
-                session, settings, after_id=after_id, only=only, force=force
-            )
-            if last_id is None:
-                return total
-            total, after_id = total + sent, last_id
+        while user_ids := await self.resync_page(
+            session, settings, after_id=after_id, only=only, force=force
+        ):
+            total, after_id = total + len(user_ids), user_ids[-1]
+        return total
 
     async def retry_due(self, session: AsyncSession, settings: Settings, *, probe: bool) -> int:
         """One pass of Core's retries: up to `sync_retry_batch` users whose retry is due are

@@ -16,6 +16,8 @@ from b24sync.core.users.schemas import (
     Pagination,
     Stage,
     UserCreate,
+    UserEvent,
+    UserHistory,
     UserList,
     UserMove,
     UserRead,
@@ -77,9 +79,17 @@ async def list_users(
     sync_status: Annotated[SyncStatus | None, Query()] = None,
     page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    search: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=200,
+            description="part of the name (any case), or digits of the phone",
+        ),
+    ] = None,
 ) -> UserList:
     users, total, max_page = await user_service.list(
-        session, stage=stage, sync_status=sync_status, page=page, limit=limit
+        session, stage=stage, sync_status=sync_status, page=page, limit=limit, search=search
     )
     return UserList(
         items=[UserRead.from_user(user) for user in users],
@@ -90,6 +100,21 @@ async def list_users(
 @router.get("/{id}", response_model=UserRead, summary="Get a user", responses={404: _ERRORS[404]})
 async def get_user(id: UserId, session: SessionDep) -> UserRead:
     return UserRead.from_user(await user_service.get(session, id))
+
+
+@router.get(
+    "/{id}/history",
+    response_model=UserHistory,
+    summary="The user's changes sent to Bitrix24 and their answers",
+    responses={404: _ERRORS[404]},
+)
+async def user_history(
+    id: UserId,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> UserHistory:
+    events = await user_service.history(session, id, limit)
+    return UserHistory(user_id=id, events=[UserEvent.from_event(event) for event in events])
 
 
 @router.patch(

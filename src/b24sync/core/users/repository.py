@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
-from sqlalchemy import func, select, update
+from sqlalchemy import BigInteger, Text, any_, bindparam, func, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.sql.expression import ColumnElement
 
 from b24sync.batching import Coalescer
 from b24sync.core.db import DRIVER_CONNECTION_ERRORS
@@ -109,6 +112,15 @@ def grouped_creates(engine: AsyncEngine, in_flight: int) -> Coalescer[NewUser, A
     )
 
 
+def _matches(search: str) -> ColumnElement[bool]:
+    """Users whose name holds `search` in any case, or whose phone holds its digits."""
+    conditions = [User.full_name.icontains(search, autoescape=True)]
+    digits = re.sub(r"\D", "", search)
+    if digits:
+        conditions.append(User.phone.contains(digits, autoescape=True))
+    return or_(*conditions)
+
+
 class UserRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
@@ -127,6 +139,12 @@ class UserRepository:
         else:
             (row,) = await _insert_with_events(await self.session.connection(), [user])
         return User(**{column: row[column] for column in _USER_COLUMNS})
+
+    async def create_many(self, users: Sequence[NewUser]) -> list[User]:
+        """Inserts the users and their `user_created` events in one statement on the session's
+        connection, inside its transaction: a page of a bulk load."""
+        rows = await _insert_with_events(await self.session.connection(), list(users))
+        return [User(**{column: row[column] for column in _USER_COLUMNS}) for row in rows]
 
     async def get(self, user_id: int, *, for_update: bool = False) -> User | None:
         statement = select(User).where(User.id == user_id)
@@ -224,6 +242,25 @@ class UserRepository:
         """The ids among `user_ids` that name a user."""
         return (await self.session.scalars(select(User.id).where(User.id.in_(user_ids)))).all()
 
+    async def ids_by_name_and_phone(self, phones: Sequence[str]) -> dict[tuple[str, str], int]:
+        """The users that have one of `phones`, by (full name, phone); the lowest id of each."""
+        rows = await self.session.execute(
+            select(User.full_name, User.phone, func.min(User.id))
+            .where(User.phone == any_(bindparam("phones", list(phones), type_=ARRAY(Text))))
+            .group_by(User.full_name, User.phone)
+        )
+        return {(name, phone): user_id for name, phone, user_id in rows}
+
+    async def count_by_sync_status_of(self, user_ids: Sequence[int]) -> dict[str, int]:
+        """How many of the users `user_ids` are in each sync status."""
+        ids = bindparam("ids", list(user_ids), type_=ARRAY(BigInteger))
+        rows = await self.session.execute(
+            select(User.sync_status, func.count())
+            .where(User.id == any_(ids))
+            .group_by(User.sync_status)
+        )
+        return {status: count for status, count in rows}
+
     async def page_of_ids(
         self, after_id: int, limit: int, *, sync_status: SyncStatus | None = None
     ) -> Sequence[int]:
@@ -272,13 +309,23 @@ class UserRepository:
         return retrying, permanent, float(next_in_s) if next_in_s is not None else None
 
     async def list(
-        self, *, stage: str | None, sync_status: str | None, limit: int, offset: int
+        self,
+        *,
+        stage: str | None,
+        sync_status: str | None,
+        limit: int,
+        offset: int,
+        search: str | None = None,
     ) -> tuple[Sequence[User], int]:
-        filters = []
+        """A page of users in id order, with how many match; `search` matches a part of the
+        name (any case) or, when it holds digits, a part of the phone's digits."""
+        filters: list[ColumnElement[bool]] = []
         if stage is not None:
             filters.append(User.stage == stage)
         if sync_status is not None:
             filters.append(User.sync_status == sync_status)
+        if search:
+            filters.append(_matches(search))
         total = await self.session.scalar(select(func.count()).select_from(User).where(*filters))
         rows = await self.session.scalars(
             select(User).where(*filters).order_by(User.id).limit(limit).offset(offset)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
+from uuid import UUID
 
 from pydantic import (
     AfterValidator,
@@ -16,7 +17,7 @@ from pydantic import (
 )
 from pydantic.config import JsonDict
 
-from b24sync.core.models import SyncStatus, User
+from b24sync.core.models import OutboxEvent, SyncStatus, User
 
 # Unicode's control characters (category Cc). NUL cannot be stored by PostgreSQL at all; tabs,
 # newlines and the like have no place in a name, a phone or a stage, and would reach the lead.
@@ -173,3 +174,44 @@ class Pagination(BaseModel):
 class UserList(BaseModel):
     items: list[UserRead]
     pagination: Pagination
+
+
+class UserEvent(BaseModel):
+    """One change sent to Bitrix24 (or waiting to be) and the answer it got."""
+
+    id: UUID = Field(description="the event id, also the message's id")
+    pattern: str = Field(description="user_created, user_updated or user_moved")
+    version: int = Field(description="the user's version the event carries")
+    changed: list[str] | None = Field(description="the fields it carries as changed")
+    sent: dict[str, Any] = Field(description="the user's fields as the event carries them")
+    force: bool
+    created_at: datetime
+    published_at: datetime | None = Field(description="when RabbitMQ confirmed it")
+    resends: int = Field(description="times it was sent again for want of an answer")
+    answered_at: datetime | None
+    answer_status: str | None = Field(description="success, skipped, error or superseded")
+    answer_reason: str | None
+
+    @classmethod
+    def from_event(cls, event: OutboxEvent) -> UserEvent:
+        data = event.body.get("data", {})
+        user = data.get("user", {})
+        return cls(
+            id=event.id,
+            pattern=event.pattern,
+            version=event.version,
+            changed=data.get("changed"),
+            sent={key: user[key] for key in ("full_name", "phone", "stage") if key in user},
+            force=bool(data.get("force")),
+            created_at=event.created_at,
+            published_at=event.published_at,
+            resends=event.resends,
+            answered_at=event.answered_at,
+            answer_status=event.answer_status,
+            answer_reason=event.answer_reason,
+        )
+
+
+class UserHistory(BaseModel):
+    user_id: int
+    events: list[UserEvent] = Field(description="newest first")

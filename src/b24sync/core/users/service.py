@@ -5,6 +5,7 @@ its outbox event land in one transaction (a create is a single statement that wr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import phonenumbers
@@ -12,7 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from b24sync.contracts import Pattern
 from b24sync.core.exceptions import FieldValidationError, NotFoundError
-from b24sync.core.models import SyncStatus, User
+from b24sync.core.models import OutboxEvent, SyncStatus, User
+from b24sync.core.outbox import repository as outbox_repository
 from b24sync.core.outbox.service import NewUserState, outbox_service
 from b24sync.core.users.repository import NewUser, UserRepository
 from b24sync.core.users.schemas import UserCreate, UserMove, UserUpdate
@@ -47,12 +49,20 @@ def check_stage(stage: str, settings: Settings) -> str:
 
 class UserService:
     async def create(self, session: AsyncSession, settings: Settings, data: UserCreate) -> User:
+        return await UserRepository(session).create(self.new_user(settings, data))
+
+    async def create_many(self, session: AsyncSession, users: Sequence[NewUser]) -> list[User]:
+        """Creates users checked by `new_user` (a page of an import) in one statement."""
+        return await UserRepository(session).create_many(users)
+
+    def new_user(self, settings: Settings, data: UserCreate) -> NewUser:
+        """The user to create with its `user_created` event, once its phone and stage pass the
+        rules (raises `FieldValidationError` otherwise)."""
         phone = normalize_phone(data.phone, settings.default_phone_region)
         stage = check_stage(data.stage or DEFAULT_STAGE, settings)
-        repository = UserRepository(session)
         new = NewUserState(full_name=data.full_name, phone=phone, stage=stage)
         event = outbox_service.draft(new, Pattern.USER_CREATED, settings.rabbitmq_reply_queue)
-        return await repository.create(NewUser(data.full_name, phone, stage, event))
+        return NewUser(data.full_name, phone, stage, event)
 
     async def get(self, session: AsyncSession, user_id: int) -> User:
         user = await UserRepository(session).get(user_id)
@@ -68,14 +78,23 @@ class UserService:
         sync_status: SyncStatus | None,
         page: int,
         limit: int,
+        search: str | None = None,
     ) -> tuple[list[User], int, int]:
         users, total = await UserRepository(session).list(
             stage=stage,
             sync_status=sync_status.value if sync_status else None,
             limit=limit,
             offset=(page - 1) * limit,
+            search=search,
         )
         return list(users), total, max(1, math.ceil(total / limit))
+
+    async def history(
+        self, session: AsyncSession, user_id: int, limit: int
+    ) -> Sequence[OutboxEvent]:
+        """The user's latest events, newest first, each with the answer it got."""
+        await self.get(session, user_id)
+        return await outbox_repository.history(session, user_id, limit)
 
     async def update(
         self, session: AsyncSession, settings: Settings, user_id: int, data: UserUpdate
