@@ -88,7 +88,10 @@ async def test_a_redelivery_without_message_id_does_not_make_a_second_job(
         },
     )
     payload = JobPayload(event=Event.model_validate(body))
-    await queue.add(JOB_NAME, payload.wire(), {"jobId": hashlib.sha256(raw).hexdigest()})
+    # Delayed, so that the job still waits when the redelivery comes, however soon the
+    # service's worker starts (a job that finished gives way to its event sent again).
+    job_id = hashlib.sha256(raw).hexdigest()
+    await queue.add(JOB_NAME, payload.wire(), {"jobId": job_id, "delay": 1500})
     await queue.close()
     # The dead consumer's delivery: taken, never acknowledged, so it comes back redelivered.
     connection = await aio_pika.connect(settings.rabbitmq_url)
