@@ -110,7 +110,9 @@ def create_app(settings: Settings, portal: Portal | None = None) -> FastAPI:
     app.state.portal = state
     app.include_router(admin_router(state))
 
-    @app.api_route("/rest/{user_id}/{code}/{method}", methods=["GET", "POST"])
+    # A route per method, so that each has its own operation id on /docs.
+    @app.post("/rest/{user_id}/{code}/{method}")
+    @app.get("/rest/{user_id}/{code}/{method}")
     async def rest(request: Request, user_id: str, code: str, method: str) -> Response:
         name = method_name(method)
         state.stats.count_request()
@@ -124,7 +126,8 @@ def create_app(settings: Settings, portal: Portal | None = None) -> FastAPI:
             await state.pause(reply.delay_s)
         return reply.response
 
-    @app.api_route("/rest/{path:path}", methods=["GET", "POST"])
+    @app.post("/rest/{path:path}")
+    @app.get("/rest/{path:path}")
     async def rest_without_webhook(path: str) -> Response:
         error = PortalError(401, "NO_AUTH_FOUND", "Wrong authorization data")
         return JSONResponse(error.body(), status_code=error.status)
