@@ -42,14 +42,18 @@ def service_environment(settings: Settings, **extra: str) -> dict[str, str]:
     }
 
 
-async def start_command(settings: Settings, *args: str) -> asyncio.subprocess.Process:
-    """`b24sync <args>` run as an operator runs it, on the test's database and queues."""
+async def start_command(
+    settings: Settings, *args: str, cwd: Path | None = None, **env: str
+) -> asyncio.subprocess.Process:
+    """`b24sync ARGS` run as an operator runs it, on the test's settings; `env` sets or
+    overrides variables. A wide terminal, so that tables are not folded."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "b24sync",
         *args,
-        env=service_environment(settings),
+        env=service_environment(settings, COLUMNS="200", **env),
+        cwd=cwd,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -60,6 +64,13 @@ async def finished(process: asyncio.subprocess.Process) -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+async def b24sync_command(
+    settings: Settings, *args: str, cwd: Path | None = None, **env: str
+) -> tuple[int, str, str]:
+    """Runs `b24sync ARGS` to its end; its exit status, stdout and stderr."""
+    return await finished(await start_command(settings, *args, cwd=cwd, **env))
 
 
 class ServiceProcess:

@@ -3,7 +3,6 @@ with one line naming the setting; a portal it cannot reach keeps it running, not
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import httpx
@@ -13,24 +12,14 @@ from b24sync.bitrix.main import BitrixService
 from b24sync.portal.main import PortalServer
 from b24sync.settings import Settings
 from tests.conftest import eventually, free_port
-from tests.processes import B24SYNC, service_environment
+from tests.processes import b24sync_command
 
 from .conftest import ServiceFactory
 
 
 async def bitrix_exit(settings: Settings, cwd: Path, **env: str) -> tuple[int, str, str]:
     """Runs `b24sync bitrix` until it exits; its exit status, stdout and stderr."""
-    process = await asyncio.create_subprocess_exec(
-        B24SYNC,
-        "bitrix",
-        env=service_environment(settings, **env),
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await b24sync_command(settings, "bitrix", cwd=cwd, **env)
 
 
 async def test_an_unreachable_broker_or_redis_is_one_line(

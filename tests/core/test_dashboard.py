@@ -16,13 +16,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from b24sync.settings import Settings
 from tests.conftest import eventually
-from tests.core.test_status_command import b24sync_command
 from tests.interop.conftest import running
 from tests.processes import (
     BITRIX_READY,
     CORE_READY,
     PORTAL_READY,
     ServiceProcess,
+    b24sync_command,
     service_environment,
 )
 

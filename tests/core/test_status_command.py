@@ -4,34 +4,14 @@ test_dashboard.py.)"""
 
 from __future__ import annotations
 
-import asyncio
-import sys
-
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from b24sync.settings import Settings
 from tests.conftest import free_port
 from tests.core.helpers import answer, create_user, error, publish_all
-from tests.processes import service_environment
+from tests.processes import b24sync_command
 
 Sessions = async_sessionmaker[AsyncSession]
-
-
-async def b24sync_command(settings: Settings, *args: str, **extra: str) -> tuple[int, str, str]:
-    """Runs `b24sync ARGS` on the test's settings; its exit status, stdout and stderr."""
-    env = service_environment(settings, COLUMNS="200", **extra)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "b24sync",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 def state_of(output: str, name: str) -> str:

@@ -7,7 +7,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from b24sync.settings import Settings
 from tests.conftest import free_port
 from tests.core.helpers import answer, create_user, error, move_user, publish_all, success
-from tests.core.test_status_command import b24sync_command
+from tests.processes import b24sync_command
 
 Sessions = async_sessionmaker[AsyncSession]
 
