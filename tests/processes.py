@@ -7,10 +7,14 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from uuid import uuid4
+
+import asyncpg  # type: ignore[import-untyped]
 
 from b24sync.settings import Settings
-from tests.conftest import eventually
+from tests.conftest import RABBITMQ_URL, REDIS_URL, eventually, forget, free_port
 
 B24SYNC = str(Path(sys.executable).parent / "b24sync")
 # What each service prints once it is ready for work.
@@ -40,6 +44,44 @@ def service_environment(settings: Settings, **extra: str) -> dict[str, str]:
         "LOG_LEVEL": "WARNING",
         **extra,
     }
+
+
+def _drop_database(name: str) -> None:
+    async def drop() -> None:
+        connection = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres")
+        try:
+            await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await connection.close()
+
+    asyncio.run(drop())
+
+
+@contextlib.contextmanager
+def system_environment(database: str, tag: str, **extra: str) -> Iterator[dict[str, str]]:
+    """Environment of a whole system (`b24sync run`) of a test's own: a database made afresh,
+    queues and a Redis prefix named `tag`, free ports; all of it removed afterwards."""
+    _drop_database(database)
+    suffix = f"{tag}-{uuid4().hex[:8]}"
+    env = {key: value for key, value in os.environ.items() if key not in _SETTING_NAMES}
+    env.update(
+        DATABASE_URL=f"postgresql://postgres@127.0.0.1:5432/{database}",
+        RABBITMQ_URL=RABBITMQ_URL,
+        REDIS_URL=REDIS_URL,
+        RABBITMQ_QUEUE=f"{suffix}.bitrix_queue",
+        RABBITMQ_REPLY_QUEUE=f"{suffix}.bitrix.responses",
+        BULLMQ_PREFIX=suffix,
+        PORT=str(free_port()),
+        BITRIX_HTTP_PORT=str(free_port()),
+        PORTAL_PORT=str(free_port()),
+        HOST="127.0.0.1",
+        **extra,
+    )
+    try:
+        yield env
+    finally:
+        asyncio.run(forget([env["RABBITMQ_QUEUE"], env["RABBITMQ_REPLY_QUEUE"]], suffix))
+        _drop_database(database)
 
 
 async def start_command(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -12,15 +11,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
-from uuid import uuid4
 
-import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import RABBITMQ_URL, REDIS_URL, forget, free_port
+from tests.processes import system_environment
 
-E2E_DATABASE = "b24sync_e2e"
 PHONE = "+77001112233"
 
 
@@ -62,43 +58,16 @@ class RunningSystem:
         return {match[1]: int(match[2]) for match in started if match}
 
 
-def _recreate_database() -> None:
-    async def drop() -> None:
-        connection = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres")
-        try:
-            await connection.execute(f'DROP DATABASE IF EXISTS "{E2E_DATABASE}" WITH (FORCE)')
-        finally:
-            await connection.close()
-
-    asyncio.run(drop())
-
-
 @pytest.fixture
 def system() -> Iterator[RunningSystem]:
-    _recreate_database()
-    suffix = uuid4().hex[:8]
-    env = {key: value for key, value in os.environ.items() if key != "BITRIX_WEBHOOK_URL"}
-    env.update(
-        DATABASE_URL=f"postgresql://postgres@127.0.0.1:5432/{E2E_DATABASE}",
-        RABBITMQ_URL=RABBITMQ_URL,
-        REDIS_URL=REDIS_URL,
-        RABBITMQ_QUEUE=f"e2e.bitrix_queue.{suffix}",
-        RABBITMQ_REPLY_QUEUE=f"e2e.bitrix.responses.{suffix}",
-        BULLMQ_PREFIX=f"e2e-{suffix}",
-        PORT=str(free_port()),
-        BITRIX_HTTP_PORT=str(free_port()),
-        PORTAL_PORT=str(free_port()),
-        HOST="127.0.0.1",
-    )
-    running = RunningSystem(env)
-    try:
-        yield running
-    finally:
-        if running.process.poll() is None:
-            running.process.kill()
-            running.process.wait()
-        queues = [env["RABBITMQ_QUEUE"], env["RABBITMQ_REPLY_QUEUE"]]
-        asyncio.run(forget(queues, env["BULLMQ_PREFIX"]))
+    with system_environment("b24sync_e2e", "e2e") as env:
+        running = RunningSystem(env)
+        try:
+            yield running
+        finally:
+            if running.process.poll() is None:
+                running.process.kill()
+                running.process.wait()
 
 
 def _eventually(check: Callable[[], Any], timeout: float = 30.0) -> Any:

@@ -13,9 +13,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from uuid import uuid4
 
-import asyncpg  # type: ignore[import-untyped]
 import httpx
 import pytest
 
@@ -23,41 +21,15 @@ from b24sync import supervisor
 from b24sync.errors import StartupError
 from b24sync.portal.main import PortalServer
 from b24sync.settings import Settings
-from tests.conftest import RABBITMQ_URL, REDIS_URL, forget, free_port
-
-_SETTINGS = {name.upper() for name in Settings.model_fields}
-_DATABASE = "b24sync_supervisor"
+from tests.conftest import free_port
+from tests.processes import system_environment
 
 
 @pytest.fixture
 def env() -> Iterator[dict[str, str]]:
     """A system of this test's own: database, queues, Redis prefix, ports."""
-    suffix = uuid4().hex[:8]
-    values = {key: value for key, value in os.environ.items() if key not in _SETTINGS}
-    values.update(
-        DATABASE_URL=f"postgresql://postgres@127.0.0.1:5432/{_DATABASE}",
-        RABBITMQ_URL=RABBITMQ_URL,
-        REDIS_URL=REDIS_URL,
-        RABBITMQ_QUEUE=f"run.bitrix_queue.{suffix}",
-        RABBITMQ_REPLY_QUEUE=f"run.bitrix.responses.{suffix}",
-        BULLMQ_PREFIX=f"run-{suffix}",
-        PORT=str(free_port()),
-        BITRIX_HTTP_PORT=str(free_port()),
-        PORTAL_PORT=str(free_port()),
-        HOST="127.0.0.1",
-        LOG_LEVEL="WARNING",
-    )
-    yield values
-    asyncio.run(forget([values["RABBITMQ_QUEUE"], values["RABBITMQ_REPLY_QUEUE"]], f"run-{suffix}"))
-
-    async def drop() -> None:
-        connection = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres")
-        try:
-            await connection.execute(f'DROP DATABASE IF EXISTS "{_DATABASE}" WITH (FORCE)')
-        finally:
-            await connection.close()
-
-    asyncio.run(drop())
+    with system_environment("b24sync_supervisor", "run", LOG_LEVEL="WARNING") as values:
+        yield values
 
 
 def run(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
