@@ -225,6 +225,7 @@ async def _supervise(settings: Settings) -> int:
 def _announce(settings: Settings) -> None:
     lines = [
         f"Core API        http://127.0.0.1:{settings.port}  (docs: /docs, sync state: /sync)",
+        f"Dashboard       http://127.0.0.1:{settings.port}/ui",
         f"Bitrix service  http://127.0.0.1:{settings.bitrix_http_port}/metrics",
     ]
     if settings.bitrix_webhook_url is None:
