@@ -48,6 +48,9 @@ async def settings() -> AsyncIterator[Settings]:
         bitrix_http_port=free_port(),
         portal_port=free_port(),
         outbox_poll_interval_s=0.2,
+        # The app built in a test runs its relay in its lifespan; `b24sync core` processes
+        # started by tests take the default (a relay process) from their environment.
+        outbox_relay_process=False,
     )
     yield test_settings
     await forget(

@@ -46,8 +46,9 @@ class Settings(BaseSettings):
     # set, a relay (one publishes at a time).
     core_workers: int = 1
     # Run the outbox relay in a process of its own instead of in every HTTP worker, so that
-    # publishing keeps up while the HTTP workers are saturated (see core/outbox/process.py).
-    outbox_relay_process: bool = False
+    # publishing keeps up while the HTTP workers are saturated (see core/outbox/process.py):
+    # in the HTTP worker, under full load, the outbox fell 5-9 s behind (bench/core_api.py).
+    outbox_relay_process: bool = True
     # A user's latest event still unanswered this long after it was published is sent again
     # (same message_id; the wait doubles with each resend, up to a day). 0 turns resending off.
     # Short enough that jobs lost with Redis's data are sent again within a couple of minutes.

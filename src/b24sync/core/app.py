@@ -13,16 +13,19 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from faststream.rabbit import RabbitBroker
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from b24sync.apidocs import add_swagger_ui
 from b24sync.core.backoff import Backoff
 from b24sync.core.dashboard.endpoints import page_router as dashboard_page_router
 from b24sync.core.dashboard.endpoints import router as dashboard_router
-from b24sync.core.db import DRIVER_CONNECTION_ERRORS, create_engine, create_sessionmaker
+from b24sync.core.db import DATABASE_UNAVAILABLE_ERRORS, create_engine, create_sessionmaker
 from b24sync.core.dependencies import require_token
-from b24sync.core.exceptions import CoreError, sendable_error
+from b24sync.core.exceptions import (
+    CoreError,
+    database_unavailable_response,
+    error_response,
+    sendable_error,
+)
 from b24sync.core.health import router as health_router
 from b24sync.core.middleware import (
     AccessLogMiddleware,
@@ -38,6 +41,7 @@ from b24sync.core.sync.endpoints import metrics_router as sync_metrics_router
 from b24sync.core.sync.endpoints import router as sync_router
 from b24sync.core.users.endpoints import router as users_router
 from b24sync.core.users.repository import GROUPED_CREATES, grouped_creates
+from b24sync.core.users.write_path import UserWritePath
 from b24sync.logs import get_logger
 from b24sync.messaging import describe_url
 from b24sync.settings import Settings, get_settings
@@ -123,6 +127,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.add_middleware(BodySizeLimitMiddleware)
     app.add_middleware(QueryEncodingMiddleware)
+    app.add_middleware(UserWritePath, state=app.state)
     if settings.access_log:  # outermost: it sees the answers of the checks above too
         app.add_middleware(AccessLogMiddleware)
     app.include_router(health_router)
@@ -147,8 +152,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(CoreError)
     async def core_error(_: Request, exc: CoreError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-        return JSONResponse({"detail": exc.detail()}, status_code=exc.status_code, headers=headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -157,16 +161,11 @@ def create_app(settings: Settings) -> FastAPI:
         errors = [sendable_error(error) for error in jsonable_encoder(exc.errors())]
         return JSONResponse({"detail": errors}, status_code=422)
 
-    @app.exception_handler(OperationalError)
-    @app.exception_handler(InterfaceError)
-    @app.exception_handler(PoolTimeoutError)
-    @app.exception_handler(OSError)
     async def database_unavailable(_: Request, exc: Exception) -> JSONResponse:
-        log.warning("[Core] Database unavailable", error=exc)
-        return JSONResponse({"detail": "Database unavailable, try again"}, status_code=503)
+        return database_unavailable_response(exc)
 
-    for driver_error in DRIVER_CONNECTION_ERRORS:
-        app.add_exception_handler(driver_error, database_unavailable)
+    for error in DATABASE_UNAVAILABLE_ERRORS:
+        app.add_exception_handler(error, database_unavailable)
 
     return app
 

@@ -8,6 +8,8 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 from fastapi import Request
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -25,6 +27,14 @@ DRIVER_CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.CannotConnectNowError,
+)
+# Everything that means the database cannot be reached now: answered with 503.
+DATABASE_UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
+    OperationalError,
+    InterfaceError,
+    PoolTimeoutError,
+    OSError,
+    *DRIVER_CONNECTION_ERRORS,
 )
 
 
@@ -65,4 +75,11 @@ async def get_db_session(request: Request) -> AsyncIterator[AsyncSession]:
     sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
     async with sessionmaker() as session:
         yield session  # an error raised here skips the commit; closing rolls back
+        await commit_if_begun(session)
+
+
+async def commit_if_begun(session: AsyncSession) -> None:
+    """Commits the session's transaction, if it has one: a grouped create wrote through a
+    connection of its own, and beginning a transaction only to commit it costs CPU."""
+    if session.in_transaction():
         await session.commit()

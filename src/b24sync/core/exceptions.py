@@ -6,6 +6,12 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from fastapi.responses import JSONResponse
+
+from b24sync.logs import get_logger
+
+log = get_logger(__name__)
+
 
 class CoreError(Exception):
     status_code = 500
@@ -48,6 +54,16 @@ class FieldValidationError(CoreError):
                 }
             )
         ]
+
+
+def error_response(exc: CoreError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+    return JSONResponse({"detail": exc.detail()}, status_code=exc.status_code, headers=headers)
+
+
+def database_unavailable_response(exc: Exception) -> JSONResponse:
+    log.warning("[Core] Database unavailable", error=exc)
+    return JSONResponse({"detail": "Database unavailable, try again"}, status_code=503)
 
 
 def sendable_error(error: Mapping[str, Any]) -> dict[str, Any]:

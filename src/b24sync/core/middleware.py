@@ -41,24 +41,11 @@ class BodySizeLimitMiddleware:
                 return
         # Small bodies are read here in full and replayed to the app, so a chunked body that
         # turns out too large is refused before anything ran.
-        messages: list[Message] = []
-        size = 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await self._reject(send)
-                return
-            if not message.get("more_body", False):
-                break
-
-        async def replay() -> Message:
-            return messages.pop(0) if messages else await receive()
-
-        await self.app(scope, replay, send)
+        messages, body = await read_body(receive, self.max_bytes)
+        if body is None and messages[-1]["type"] == "http.request":
+            await self._reject(send)
+            return
+        await self.app(scope, replaying(messages, receive), send)
 
     async def _reject(self, send: Send) -> None:
         await send_json(send, 413, {"detail": f"Request body larger than {self.max_bytes} bytes"})
@@ -142,8 +129,43 @@ def loggable_query(query: bytes) -> str:
     return shorten("&".join(parameters), _LOGGED_TARGET_CHARS)
 
 
+async def read_body(receive: Receive, max_bytes: int) -> tuple[list[Message], bytes | None]:
+    """Reads the request's messages up to the end of its body; returns them (to replay) and the
+    body, or None when the client left or the body grew over `max_bytes` (the last message
+    read tells which)."""
+    messages: list[Message] = []
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages, None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            return messages, None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return messages, b"".join(chunks)
+
+
+def replaying(messages: list[Message], receive: Receive) -> Receive:
+    """`receive` for the next app: the messages already read, then the rest of the request."""
+
+    async def replay() -> Message:
+        return messages.pop(0) if messages else await receive()
+
+    return replay
+
+
 async def send_json(send: Send, status: int, content: Any) -> None:
     body = json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+    await send_body(send, status, body)
+
+
+async def send_body(send: Send, status: int, body: bytes) -> None:
+    """A whole JSON answer."""
     await send(
         {
             "type": "http.response.start",

@@ -1,4 +1,4 @@
-"""The outbox relay in a process of its own (``OUTBOX_RELAY_PROCESS=true``).
+"""The outbox relay in a process of its own (``OUTBOX_RELAY_PROCESS=true``, the default).
 
 In an HTTP worker the relay shares one event loop, and one CPU share, with the requests: under
 full load the requests take nearly all of it and publishing falls behind. In its own process

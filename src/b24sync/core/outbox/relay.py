@@ -1,8 +1,8 @@
 """The outbox relay: publishes committed events to RabbitMQ, each user's in commit order, at
 least once.
 
-Every Core HTTP worker runs one, or a process of its own runs the only one
-(``OUTBOX_RELAY_PROCESS``, see `core/outbox/process.py`). In each batch transaction a relay
+A child process of `b24sync core` runs it (``OUTBOX_RELAY_PROCESS``, the default; see
+`core/outbox/process.py`), or else every HTTP worker runs one. In each batch transaction a relay
 takes a transaction-level advisory lock, so only one publishes at a time, reading pending
 events in ``seq`` order (for one user that is commit order: its changes are serialised by the
 row lock); lock and read are one statement. A batch goes out in waves with at most one event
@@ -229,11 +229,16 @@ class Relay:
                     ),
                     return_exceptions=True,
                 )
+                confirmed = 0
                 for event, result in zip(wave, results, strict=True):
                     if isinstance(result, BaseException):
                         failure = failure or result
                     else:
                         published.append(event.id)
+                        confirmed += 1
+                if confirmed:
+                    # One line per wave: per message it cost the relay as much as publishing.
+                    log.info("[Core] Message emitted successfully", messages=confirmed)
                 if failure is not None:
                     break
             await repository.mark_published(transaction, published)
@@ -261,7 +266,6 @@ class Relay:
         log.info("[Core] About to emit message to BITRIX_SERVICE: " + text, message_id=message_id)
         async with asyncio.timeout(PUBLISH_TIMEOUT_S):
             await lane.publish(self.settings.rabbitmq_queue, text.encode(), message_id=message_id)
-        log.info("[Core] Message emitted successfully", message_id=message_id)
 
     async def _listen(self) -> None:
         """Keeps a LISTEN connection open; reconnects when it drops (polling covers the gap)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import BigInteger, Text, any_, bindparam, func, or_, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.sql.dml import Update
 from sqlalchemy.sql.expression import ColumnElement
 
 from b24sync.batching import Coalescer
@@ -112,6 +114,29 @@ def grouped_creates(engine: AsyncEngine, in_flight: int) -> Coalescer[NewUser, A
     )
 
 
+# Built once: building a statement cost more CPU than running it, on the API's write path.
+_SELECT_USER = select(User).where(User.id == bindparam("user_id"))
+_SELECT_USER_FOR_UPDATE = _SELECT_USER.with_for_update()
+
+
+@functools.cache
+def _update_fields_statement(fields: frozenset[str]) -> Update:
+    """The UPDATE of `update_fields` for one set of changed fields, their values bound by name."""
+    return (
+        update(User)
+        .where(User.id == bindparam("user_id"))
+        .values(
+            **{field: bindparam(field) for field in fields},
+            **{f"{field}_version": User.version + 1 for field in fields},
+            version=User.version + 1,
+            sync_status=SyncStatus.PENDING.value,
+            updated_at=func.now(),
+            **FRESH_SYNC_STATE,
+        )
+        .returning(User)
+    )
+
+
 def _matches(search: str) -> ColumnElement[bool]:
     """Users whose name holds `search` in any case, or whose phone holds its digits."""
     conditions = [User.full_name.icontains(search, autoescape=True)]
@@ -147,36 +172,25 @@ class UserRepository:
         return [User(**{column: row[column] for column in _USER_COLUMNS}) for row in rows]
 
     async def get(self, user_id: int, *, for_update: bool = False) -> User | None:
-        statement = select(User).where(User.id == user_id)
-        if for_update:
-            # Serialises a user's changes, so its events reach the outbox in commit order.
-            statement = statement.with_for_update()
+        # Locking serialises a user's changes, so its events reach the outbox in commit order.
+        statement = _SELECT_USER_FOR_UPDATE if for_update else _SELECT_USER
         result = await self.session.scalars(
-            statement, execution_options={"populate_existing": True}
+            statement, {"user_id": user_id}, execution_options={"populate_existing": True}
         )
         return result.one_or_none()
 
     async def update_fields(self, user_id: int, values: dict[str, Any]) -> User:
         """Applies a change made through the API: bumps the version (and each changed field's),
         starts the sync state afresh. A forced restatement still pending stays forced."""
-        field_versions = {f"{field}_version": User.version + 1 for field in values}
-        statement = (
-            update(User)
-            .where(User.id == user_id)
-            .values(
-                **values,
-                **field_versions,
-                version=User.version + 1,
-                sync_status=SyncStatus.PENDING.value,
-                updated_at=func.now(),
-                **FRESH_SYNC_STATE,
-            )
-            .returning(User)
-        )
+        # The returned row refreshes the session's copy; evaluating the SET clause on that
+        # copy as well ("synchronize") cost as much CPU as the rest of the statement.
         result = await self.session.scalars(
-            statement, execution_options={"populate_existing": True}
+            _update_fields_statement(frozenset(values)),
+            {"user_id": user_id, **values},
+            execution_options={"populate_existing": True, "synchronize_session": False},
         )
-        return result.one()
+        user: User = result.one()
+        return user
 
     async def update_sync_state(self, user_id: int, values: dict[str, Any]) -> None:
         """Records what Bitrix24 answered; never touches the user's own data or version."""
