@@ -38,7 +38,8 @@ asyncapi: install
 	$(BIN)/python -m b24sync.contracts.asyncapi docs/asyncapi.yaml
 
 bench: install
-	$(BIN)/python bench/core_api.py
+	$(BIN)/python bench/core_api.py --connections 64
+	$(BIN)/python bench/core_api.py --connections 64 --mix mixed
 	$(BIN)/python bench/outbox_latency.py
 	$(BIN)/python bench/bitrix_throughput.py
 
