@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from sqlalchemy import select, text, update
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from b24sync.contracts import Pattern
@@ -135,10 +135,21 @@ def _answered_event(row: Any) -> AnsweredEvent:
     )
 
 
+# Built once: on the reply path, building a statement cost more CPU than running it.
+_GET_EVENT = select(*_ANSWERED_EVENT_COLUMNS).where(OutboxEvent.id == bindparam("event_id"))
+_RECORD_ANSWER = (
+    update(OutboxEvent)
+    .where(OutboxEvent.id == bindparam("event_id"))
+    .values(
+        answered_at=text("now()"),
+        answer_status=bindparam("new_status"),
+        answer_reason=bindparam("new_reason"),
+    )
+)
+
+
 async def get_event(session: AsyncSession, event_id: UUID) -> AnsweredEvent | None:
-    row = (
-        await session.execute(select(*_ANSWERED_EVENT_COLUMNS).where(OutboxEvent.id == event_id))
-    ).one_or_none()
+    row = (await session.execute(_GET_EVENT, {"event_id": event_id})).one_or_none()
     return _answered_event(row) if row is not None else None
 
 
@@ -189,9 +200,9 @@ async def record_answer(
     session: AsyncSession, event_id: UUID, status: AnswerStatus, reason: str | None
 ) -> None:
     await session.execute(
-        update(OutboxEvent)
-        .where(OutboxEvent.id == event_id)
-        .values(answered_at=text("now()"), answer_status=status.value, answer_reason=reason)
+        _RECORD_ANSWER,
+        {"event_id": event_id, "new_status": status.value, "new_reason": reason},
+        execution_options={"synchronize_session": False},
     )
 
 

@@ -32,9 +32,7 @@ from enum import StrEnum
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.sql.expression import ColumnElement
 
 from b24sync.contracts import Action, Pattern, ReplyData, ReplyStatus
 from b24sync.core.models import AnswerStatus, SyncStatus, User
@@ -42,7 +40,7 @@ from b24sync.core.outbox import repository as outbox_repository
 from b24sync.core.outbox.repository import AnsweredEvent
 from b24sync.core.outbox.service import outbox_service
 from b24sync.core.sync.schemas import FailedUsers, OutboxBacklog, SyncOverview, UserSyncCounts
-from b24sync.core.users.repository import FRESH_SYNC_STATE, UserRepository
+from b24sync.core.users.repository import FRESH_SYNC_STATE, DatabaseNow, UserRepository
 from b24sync.settings import Settings
 
 UNKNOWN_ERROR = "Bitrix service reported an error without a reason"
@@ -185,12 +183,12 @@ class ReplyService:
             "sync_error_code": _clean(reply.error_code) if reply.error_code else None,
             "sync_retryable": retryable,
             "sync_attempts": reply.attempts if reply.attempts is not None else user.sync_attempts,
-            "sync_failed_at": func.now(),
+            "sync_failed_at": DatabaseNow(),
             "next_sync_at": None,
         }
         if retryable and settings.sync_retry_initial_s > 0:
             delay = timedelta(seconds=retry_delay_s(settings, user.sync_retries))
-            values["next_sync_at"] = func.now() + delay
+            values["next_sync_at"] = DatabaseNow(delay)
         return values
 
     async def _apply_skipped(
@@ -231,12 +229,12 @@ class ReplyService:
         values = {
             key: value
             for key, value in values.items()
-            if isinstance(value, ColumnElement) or getattr(user, key) != value
+            if isinstance(value, DatabaseNow) or getattr(user, key) != value
         }
         if not values:
             return Outcome.UNCHANGED
         if "synced_version" in values:
-            values["synced_at"] = func.now()
+            values["synced_at"] = DatabaseNow()
         await UserRepository(session).update_sync_state(user.id, values)
         if (
             settings.hold_until_lead_id

@@ -7,11 +7,23 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
-from sqlalchemy import BigInteger, Text, any_, bindparam, func, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Integer,
+    Interval,
+    Text,
+    any_,
+    bindparam,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.sql.dml import Update
@@ -137,6 +149,50 @@ def _update_fields_statement(fields: frozenset[str]) -> Update:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class DatabaseNow:
+    """A timestamp to write: the database's clock when the statement runs, `after` later."""
+
+    after: timedelta = timedelta(0)
+
+
+@functools.cache
+def _sync_state_statement(plain: frozenset[str], clock: frozenset[str]) -> Update:
+    """The UPDATE of `update_sync_state` for one set of columns: values bound as `new_<column>`,
+    those in `clock` as an interval after the database's now()."""
+    return (
+        update(User)
+        .where(User.id == bindparam("user_id"))
+        .values(
+            **{key: bindparam(f"new_{key}") for key in plain},
+            **{key: func.now() + bindparam(f"new_{key}", type_=Interval) for key in clock},
+        )
+    )
+
+
+_PULL_RETRIES_FORWARD = (
+    update(User)
+    .where(
+        User.id.in_(
+            select(User.id)
+            .where(
+                User.next_sync_at > func.now(),
+                User.sync_failed_at
+                < func.coalesce(
+                    bindparam("failed_before", type_=DateTime(timezone=True)), func.now()
+                ),
+            )
+            .order_by(User.next_sync_at)
+            .limit(bindparam("limit", type_=Integer))
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+    )
+    .values(next_sync_at=func.now())
+    .returning(User.id)
+)
+
+
 def _matches(search: str) -> ColumnElement[bool]:
     """Users whose name holds `search` in any case, or whose phone holds its digits."""
     conditions = [User.full_name.icontains(search, autoescape=True)]
@@ -193,8 +249,17 @@ class UserRepository:
         return user
 
     async def update_sync_state(self, user_id: int, values: dict[str, Any]) -> None:
-        """Records what Bitrix24 answered; never touches the user's own data or version."""
-        await self.session.execute(update(User).where(User.id == user_id).values(**values))
+        """Records what Bitrix24 answered; never touches the user's own data or version.
+        A `DatabaseNow` value is the database's clock when the statement runs."""
+        clock = frozenset(key for key, value in values.items() if isinstance(value, DatabaseNow))
+        parameters = {
+            f"new_{key}": value.after if key in clock else value for key, value in values.items()
+        }
+        await self.session.execute(
+            _sync_state_statement(frozenset(values) - clock, clock),
+            {"user_id": user_id, **parameters},
+            execution_options={"synchronize_session": False},
+        )
 
     async def lock_many(self, user_ids: Sequence[int]) -> Sequence[User]:
         """The users that exist among `user_ids`, locked, in id order (so that two callers
@@ -236,19 +301,10 @@ class UserRepository:
         """Makes up to `limit` waiting retries of users that failed before `failed_before`
         (now when None) due now, earliest first (users locked by someone else are left for
         another time); returns how many."""
-        before = failed_before if failed_before is not None else func.now()
-        waiting = (
-            select(User.id)
-            .where(User.next_sync_at > func.now(), User.sync_failed_at < before)
-            .order_by(User.next_sync_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
         result = await self.session.execute(
-            update(User)
-            .where(User.id.in_(waiting.scalar_subquery()))
-            .values(next_sync_at=func.now())
-            .returning(User.id)
+            _PULL_RETRIES_FORWARD,
+            {"failed_before": failed_before, "limit": limit},
+            execution_options={"synchronize_session": False},
         )
         return len(result.all())
 
