@@ -19,6 +19,7 @@ from sqlalchemy import (
     Text,
     any_,
     bindparam,
+    case,
     func,
     or_,
     select,
@@ -133,13 +134,23 @@ _SELECT_USER_FOR_UPDATE = _SELECT_USER.with_for_update()
 
 @functools.cache
 def _update_fields_statement(fields: frozenset[str]) -> Update:
-    """The UPDATE of `update_fields` for one set of changed fields, their values bound by name."""
+    """The UPDATE of `update_fields` for one set of fields, their values bound as
+    `new_<field>`: it changes the row only when one of them differs, and bumps the version of
+    those that do."""
+    differs = {
+        field: getattr(User, field).is_distinct_from(bindparam(f"new_{field}")) for field in fields
+    }
     return (
         update(User)
-        .where(User.id == bindparam("user_id"))
+        .where(User.id == bindparam("user_id"), or_(*differs.values()))
         .values(
-            **{field: bindparam(field) for field in fields},
-            **{f"{field}_version": User.version + 1 for field in fields},
+            **{field: bindparam(f"new_{field}") for field in fields},
+            **{
+                f"{field}_version": case(
+                    (differ, User.version + 1), else_=getattr(User, f"{field}_version")
+                )
+                for field, differ in differs.items()
+            },
             version=User.version + 1,
             sync_status=SyncStatus.PENDING.value,
             updated_at=func.now(),
@@ -235,17 +246,19 @@ class UserRepository:
         )
         return result.one_or_none()
 
-    async def update_fields(self, user_id: int, values: dict[str, Any]) -> User:
-        """Applies a change made through the API: bumps the version (and each changed field's),
-        starts the sync state afresh. A forced restatement still pending stays forced."""
+    async def update_fields(self, user_id: int, values: dict[str, Any]) -> User | None:
+        """Applies a change made through the API when one of `values` differs from the user's:
+        bumps the version (and each changed field's), starts the sync state afresh, and
+        returns the user locked. A forced restatement still pending stays forced. None when
+        nothing differs or there is no such user."""
         # The returned row refreshes the session's copy; evaluating the SET clause on that
         # copy as well ("synchronize") cost as much CPU as the rest of the statement.
         result = await self.session.scalars(
             _update_fields_statement(frozenset(values)),
-            {"user_id": user_id, **values},
+            {"user_id": user_id, **{f"new_{field}": value for field, value in values.items()}},
             execution_options={"populate_existing": True, "synchronize_session": False},
         )
-        user: User = result.one()
+        user: User | None = result.one_or_none()
         return user
 
     async def update_sync_state(self, user_id: int, values: dict[str, Any]) -> None:

@@ -122,23 +122,26 @@ class UserService:
         changes: dict[str, Any],
         pattern: Pattern,
     ) -> User:
-        repository = UserRepository(session)
-        user = await repository.get(user_id, for_update=True)
-        if user is None:
-            raise UserNotFoundError(user_id)
-        changes = {key: value for key, value in changes.items() if getattr(user, key) != value}
         if not changes:
-            # Nothing changed: no new version, nothing for Bitrix24 to do.
-            return user
-        # A Bitrix service that needs the lead id for an update or a move (hold mode) cannot
-        # use them while the user's create has failed: the change goes as a create instead,
-        # carrying every field, in place of the changes held back.
-        create_failed = (
-            settings.hold_until_lead_id
-            and user.bitrix_lead_id is None
-            and user.sync_status == SyncStatus.FAILED.value
-        )
+            return await self.get(session, user_id)
+        repository = UserRepository(session)
+        create_failed = False
+        if settings.hold_until_lead_id:
+            # A Bitrix service that needs the lead id for an update or a move (hold mode)
+            # cannot use them while the user's create has failed: the change goes as a create
+            # instead, carrying every field, in place of the changes held back. The user is
+            # locked first, so that the state this depends on holds until the commit.
+            before = await repository.get(user_id, for_update=True)
+            if before is None:
+                raise UserNotFoundError(user_id)
+            create_failed = (
+                before.bitrix_lead_id is None and before.sync_status == SyncStatus.FAILED.value
+            )
+        # The update locks the user: its changes, and so its events, follow commit order.
         user = await repository.update_fields(user_id, changes)
+        if user is None:
+            # Nothing changed (no new version, nothing for Bitrix24 to do), or no such user.
+            return await self.get(session, user_id)
         if create_failed:
             pattern = Pattern.USER_CREATED
             await outbox_service.supersede_held(session, [user_id])
