@@ -129,7 +129,9 @@ def grouped_creates(engine: AsyncEngine, in_flight: int) -> Coalescer[NewUser, A
     )
 
 
-# Built once: building a statement cost more CPU than running it, on the API's write path.
+# Built once: building a statement cost more CPU than running it, on the API's write path and
+# the reply path. Updates are on the table, not the entity: the ORM's bulk-update machinery
+# cost more CPU than the statement.
 _SELECT_USER = select(User).where(User.id == bindparam("user_id"))
 _SELECT_USER_FOR_UPDATE = _SELECT_USER.with_for_update()
 
@@ -177,8 +179,8 @@ def _sync_state_statement(plain: frozenset[str], clock: frozenset[str]) -> Updat
     """The UPDATE of `update_sync_state` for one set of columns: values bound as `new_<column>`,
     those in `clock` as an interval after the database's now()."""
     return (
-        update(User)
-        .where(User.id == bindparam("user_id"))
+        update(_USERS)
+        .where(_USERS.c.id == bindparam("user_id"))
         .values(
             **{key: bindparam(f"new_{key}") for key in plain},
             **{key: func.now() + bindparam(f"new_{key}", type_=Interval) for key in clock},
@@ -187,25 +189,25 @@ def _sync_state_statement(plain: frozenset[str], clock: frozenset[str]) -> Updat
 
 
 _PULL_RETRIES_FORWARD = (
-    update(User)
+    update(_USERS)
     .where(
-        User.id.in_(
-            select(User.id)
+        _USERS.c.id.in_(
+            select(_USERS.c.id)
             .where(
-                User.next_sync_at > func.now(),
-                User.sync_failed_at
+                _USERS.c.next_sync_at > func.now(),
+                _USERS.c.sync_failed_at
                 < func.coalesce(
                     bindparam("failed_before", type_=DateTime(timezone=True)), func.now()
                 ),
             )
-            .order_by(User.next_sync_at)
+            .order_by(_USERS.c.next_sync_at)
             .limit(bindparam("limit", type_=Integer))
             .with_for_update(skip_locked=True)
             .scalar_subquery()
         )
     )
     .values(next_sync_at=func.now())
-    .returning(User.id)
+    .returning(_USERS.c.id)
 )
 
 
@@ -273,7 +275,6 @@ class UserRepository:
         await self.session.execute(
             _sync_state_statement(frozenset(values) - clock, clock),
             {"user_id": user_id, **parameters},
-            execution_options={"synchronize_session": False},
         )
 
     async def lock_many(self, user_ids: Sequence[int]) -> Sequence[User]:
@@ -317,9 +318,7 @@ class UserRepository:
         (now when None) due now, earliest first (users locked by someone else are left for
         another time); returns how many."""
         result = await self.session.execute(
-            _PULL_RETRIES_FORWARD,
-            {"failed_before": failed_before, "limit": limit},
-            execution_options={"synchronize_session": False},
+            _PULL_RETRIES_FORWARD, {"failed_before": failed_before, "limit": limit}
         )
         return len(result.all())
 
