@@ -65,8 +65,8 @@ def route(method: str, path: str) -> tuple[Write, int] | None:
 
 
 class UserWritePath:
-    """In front of FastAPI's own middlewares and routes; reads the app's `state` (settings,
-    sessions) at each request, as the routes do."""
+    """Inside the access log, in front of the body and query checks and FastAPI's routes;
+    reads the app's `state` (settings, sessions) at each request, as the routes do."""
 
     def __init__(self, app: ASGIApp, state: State) -> None:
         self.app = app
