@@ -14,10 +14,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.types import Receive, Scope, Send
 
 from b24sync.core.app import create_app
+from b24sync.core.users.schemas import CREATE_EXAMPLE
 from b24sync.core.users.write_path import CREATE, MOVE, UPDATE, UserWritePath, route
 from b24sync.settings import Settings
 
-SEED_CREATE = {"full_name": "Иван Иванов", "phone": "+77001112233", "stage": "NEW"}
 # Set by the database, so different for any two users.
 _UNIQUE = ("id", "created_at", "updated_at")
 
@@ -89,7 +89,7 @@ async def test_answers_well_formed_writes_itself(
     served: tuple[httpx.AsyncClient, Recorder],
 ) -> None:
     http, behind = served
-    created = await http.post("/users", json=SEED_CREATE)
+    created = await http.post("/users", json=CREATE_EXAMPLE)
     assert created.status_code == 201, created.text
     user_id = created.json()["id"]
     updated = await http.patch(f"/users/{user_id}", json={"phone": "8 700 111 22 44"})
@@ -101,7 +101,7 @@ async def test_answers_well_formed_writes_itself(
     assert moved.json()["stage"] == "CONVERTED"
     assert moved.json()["version"] == 3
     # The service's own refusals are answered here too, as FastAPI's handlers word them.
-    bad_phone = await http.post("/users", json={**SEED_CREATE, "phone": "12"})
+    bad_phone = await http.post("/users", json={**CREATE_EXAMPLE, "phone": "12"})
     assert bad_phone.status_code == 422
     assert bad_phone.json()["detail"][0]["loc"] == ["body", "phone"]
     missing = await http.patch("/users/999999999", json={"stage": "NEW"})
@@ -114,15 +114,15 @@ async def test_answers_well_formed_writes_itself(
     ("request_args", "status"),
     [
         # The body fails the model: FastAPI words the 422.
-        ({"json": {**SEED_CREATE, "extra": 1}}, 422),
+        ({"json": {**CREATE_EXAMPLE, "extra": 1}}, 422),
         ({"content": b'{"full_name": NaN, "phone": "+77001112233"}'}, 422),
         ({"content": b"{not json"}, 422),
         # No Content-Length (a chunked body).
         ({"content": "chunked"}, 201),
         # Another content type, a query string, a body over the limit.
         ({"content": b"full_name=x", "headers": {"Content-Type": "text/plain"}}, 422),
-        ({"json": SEED_CREATE, "params": {"x": "1"}}, 201),
-        ({"json": {**SEED_CREATE, "full_name": "x" * 20_000}}, 413),
+        ({"json": CREATE_EXAMPLE, "params": {"x": "1"}}, 201),
+        ({"json": {**CREATE_EXAMPLE, "full_name": "x" * 20_000}}, 413),
     ],
 )
 async def test_hands_other_requests_to_fastapi(
@@ -154,11 +154,11 @@ async def test_without_the_token_fastapi_refuses(
 ) -> None:
     settings = core_settings.model_copy(update={"core_api_token": SecretStr("s3cret-token")})
     async for http, behind in _served(settings, rollback_sessionmaker):
-        refused = await http.post("/users", json=SEED_CREATE)
+        refused = await http.post("/users", json=CREATE_EXAMPLE)
         assert refused.status_code == 401
         assert behind.reached == ["POST /users"]
         accepted = await http.post(
-            "/users", json=SEED_CREATE, headers={"Authorization": "Bearer s3cret-token"}
+            "/users", json=CREATE_EXAMPLE, headers={"Authorization": "Bearer s3cret-token"}
         )
         assert accepted.status_code == 201
         assert behind.reached == ["POST /users"]
@@ -170,14 +170,14 @@ async def test_both_paths_answer_alike(served: tuple[httpx.AsyncClient, Recorder
     http, behind = served
     answers: dict[str, list[tuple[int, Any]]] = {}
     for path, params in (("write path", {}), ("fastapi", {"via": "fastapi"})):
-        created = await http.post("/users", json=SEED_CREATE, params=params)
+        created = await http.post("/users", json=CREATE_EXAMPLE, params=params)
         user_id = created.json()["id"]
         writes = [
             created,
             await http.patch(f"/users/{user_id}", json={"full_name": "Иван Петров"}, params=params),
             await http.patch(f"/users/{user_id}", json={"full_name": "Иван Петров"}, params=params),
             await http.post(f"/users/{user_id}/move", json={"stage": "IN_PROCESS"}, params=params),
-            await http.post("/users", json={**SEED_CREATE, "stage": "LOST"}, params=params),
+            await http.post("/users", json={**CREATE_EXAMPLE, "stage": "LOST"}, params=params),
             await http.post(f"/users/{user_id}/move", json={"stage": "NOPE"}, params=params),
         ]
         answers[path] = [

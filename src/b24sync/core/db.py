@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -72,14 +73,19 @@ async def get_db_session(request: Request) -> AsyncIterator[AsyncSession]:
     Used with ``scope="function"`` so the commit happens before the response is sent: a client
     never sees a success for a change that failed to commit.
     """
-    sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
+    async with committing(request.app.state.sessionmaker) as session:
+        yield session
+
+
+@asynccontextmanager
+async def committing(
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> AsyncIterator[AsyncSession]:
+    """A session whose transaction commits when the block exits without an error (an error
+    skips the commit; closing rolls back). A session that began none is not committed: a
+    grouped create wrote through a connection of its own, and beginning a transaction only to
+    commit it costs CPU."""
     async with sessionmaker() as session:
-        yield session  # an error raised here skips the commit; closing rolls back
-        await commit_if_begun(session)
-
-
-async def commit_if_begun(session: AsyncSession) -> None:
-    """Commits the session's transaction, if it has one: a grouped create wrote through a
-    connection of its own, and beginning a transaction only to commit it costs CPU."""
-    if session.in_transaction():
-        await session.commit()
+        yield session
+        if session.in_transaction():
+            await session.commit()

@@ -229,14 +229,13 @@ class Relay:
                     ),
                     return_exceptions=True,
                 )
-                confirmed = 0
+                published_before = len(published)
                 for event, result in zip(wave, results, strict=True):
                     if isinstance(result, BaseException):
                         failure = failure or result
                     else:
                         published.append(event.id)
-                        confirmed += 1
-                if confirmed:
+                if confirmed := len(published) - published_before:
                     # One line per wave: per message it cost the relay as much as publishing.
                     log.info("[Core] Message emitted successfully", messages=confirmed)
                 if failure is not None:

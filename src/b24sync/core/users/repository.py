@@ -211,6 +211,11 @@ _PULL_RETRIES_FORWARD = (
 )
 
 
+def _user(row: Any) -> User:
+    """A `User` (not in the session) from a row that has every column of the table."""
+    return User(**{column: row[column] for column in _USER_COLUMNS})
+
+
 def _matches(search: str) -> ColumnElement[bool]:
     """Users whose name holds `search` in any case, or whose phone holds its digits."""
     conditions = [User.full_name.icontains(search, autoescape=True)]
@@ -237,13 +242,13 @@ class UserRepository:
             row = await group.submit(user)
         else:
             (row,) = await _insert_with_events(await self.session.connection(), [user])
-        return User(**{column: row[column] for column in _USER_COLUMNS})
+        return _user(row)
 
     async def create_many(self, users: Sequence[NewUser]) -> list[User]:
         """Inserts the users and their `user_created` events in one statement on the session's
         connection, inside its transaction: a page of a bulk load."""
         rows = await _insert_with_events(await self.session.connection(), list(users))
-        return [User(**{column: row[column] for column in _USER_COLUMNS}) for row in rows]
+        return [_user(row) for row in rows]
 
     async def get(self, user_id: int, *, for_update: bool = False) -> User | None:
         # Locking serialises a user's changes, so its events reach the outbox in commit order.
@@ -263,7 +268,7 @@ class UserRepository:
             {"user_id": user_id, **{f"new_{field}": value for field, value in values.items()}},
         )
         row = result.one_or_none()
-        return User(**row._mapping) if row is not None else None
+        return _user(row._mapping) if row is not None else None
 
     async def update_sync_state(self, user_id: int, values: dict[str, Any]) -> None:
         """Records what Bitrix24 answered; never touches the user's own data or version.

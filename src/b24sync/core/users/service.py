@@ -125,6 +125,7 @@ class UserService:
         if not changes:
             return await self.get(session, user_id)
         repository = UserRepository(session)
+        before: User | None = None
         create_failed = False
         if settings.hold_until_lead_id:
             # A Bitrix service that needs the lead id for an update or a move (hold mode)
@@ -141,7 +142,7 @@ class UserService:
         user = await repository.update_fields(user_id, changes)
         if user is None:
             # Nothing changed (no new version, nothing for Bitrix24 to do), or no such user.
-            return await self.get(session, user_id)
+            return before if before is not None else await self.get(session, user_id)
         if create_failed:
             pattern = Pattern.USER_CREATED
             await outbox_service.supersede_held(session, [user_id])

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from b24sync.core.db import DATABASE_UNAVAILABLE_ERRORS, commit_if_begun
+from b24sync.core.db import DATABASE_UNAVAILABLE_ERRORS, committing
 from b24sync.core.exceptions import CoreError, database_unavailable_response, error_response
 from b24sync.core.middleware import MAX_BODY_BYTES, read_body, replaying, send_body
 from b24sync.core.models import User
@@ -64,6 +64,16 @@ def route(method: str, path: str) -> tuple[Write, int] | None:
     return (MOVE, int(match[1])) if method == "POST" else None
 
 
+def _validated(model: type[BaseModel], body: bytes | None) -> BaseModel | None:
+    """The body read by `model`; None when there is no whole body or the model refuses it."""
+    if body is None:
+        return None
+    try:
+        return model.model_validate_json(body)
+    except ValidationError:
+        return None
+
+
 class UserWritePath:
     """Inside the access log, in front of the body and query checks and FastAPI's routes;
     reads the app's `state` (settings, sessions) at each request, as the routes do."""
@@ -79,18 +89,13 @@ class UserWritePath:
             return
         write, user_id = found
         messages, body = await read_body(receive, MAX_BODY_BYTES)
-        try:
-            if body is None:
-                raise ValueError("no whole body")
-            data = write.body.model_validate_json(body)
-        except (ValueError, ValidationError):  # FastAPI answers it, in its words
+        data = _validated(write.body, body)
+        if data is None:  # FastAPI answers it, in its words
             await self.app(scope, replaying(messages, receive), send)
             return
-        settings: Settings = self.state.settings
         try:
-            async with self.state.sessionmaker() as session:
-                user = await write.apply(session, settings, user_id, data)
-                await commit_if_begun(session)
+            async with committing(self.state.sessionmaker) as session:
+                user = await write.apply(session, self.state.settings, user_id, data)
         except CoreError as exc:
             await error_response(exc)(scope, receive, send)
             return
