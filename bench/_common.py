@@ -219,17 +219,24 @@ def service_cpu_seconds() -> dict[str, float]:
     return totals
 
 
-async def outbox_backlog() -> dict[str, int]:
-    """Events in the bench database's outbox: all of them, and those not yet published."""
-    connection = await asyncpg.connect(asyncpg_dsn(DATABASE_URL))
-    try:
-        row = await connection.fetchrow(
-            "SELECT count(*) AS events, count(*) FILTER (WHERE published_at IS NULL) AS pending"
-            " FROM outbox_events"
-        )
-    finally:
-        await connection.close()
-    return {"events": row["events"], "pending": row["pending"]}
+async def outbox_backlog(connection: Any = None) -> dict[str, float]:
+    """Events in the bench database's outbox: all of them, those waiting to be published, and
+    the age in seconds of the oldest waiting one (0 when none waits). On `connection` when
+    given (an asyncpg connection), otherwise on one of its own."""
+    if connection is None:
+        connection = await asyncpg.connect(asyncpg_dsn(DATABASE_URL))
+        try:
+            return await outbox_backlog(connection)
+        finally:
+            await connection.close()
+    row = await connection.fetchrow(
+        "SELECT count(*) AS events, count(*) FILTER (WHERE waiting) AS pending,"
+        " coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE waiting)), 0)"
+        " AS oldest_s"
+        " FROM (SELECT created_at, published_at IS NULL AND answered_at IS NULL AS waiting"
+        "       FROM outbox_events) AS events"
+    )
+    return {"events": row["events"], "pending": row["pending"], "oldest_s": float(row["oldest_s"])}
 
 
 def cpu_speed_ms() -> float:

@@ -3,7 +3,7 @@
 Core runs as `b24sync core` in a subprocess; the load comes from another process: N
 keep-alive connections, each sending the next request as soon as the previous one is answered.
 `--mix create` sends only POST /users; `--mix mixed` sends 60% creates, 30% updates (PATCH, a
-new phone and stage) and 10% moves of users created during the warm-up.
+new phone and stage) and 10% moves of users created before the measurement.
 
 The outbox's backlog (events not yet published, and the age of the oldest) is sampled every
 100 ms while the load runs. Core's CPU is counted until its outbox is empty again, so a relay
@@ -55,7 +55,7 @@ BODY = {"full_name": "Иван Иванов", "phone": "+77001112233", "stage": 
 STAGES = ("NEW", "IN_PROCESS", "CONVERTED")
 # Share of each write in `--mix mixed`.
 MIX = (("create", 0.6), ("update", 0.3), ("move", 0.1))
-# Users created during the warm-up that the mixed load updates and moves.
+# Users created before the measurement, for the mixed load to update and move.
 MIXED_USERS = 2000
 
 
@@ -91,11 +91,8 @@ async def _backlog_sampler(samples: list[tuple[int, float]], stop: asyncio.Event
     connection = await asyncpg.connect(asyncpg_dsn(DATABASE_URL))
     try:
         while not stop.is_set():
-            row = await connection.fetchrow(
-                "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)"
-                " FROM outbox_events WHERE published_at IS NULL AND answered_at IS NULL"
-            )
-            samples.append((int(row[0]), float(row[1])))
+            backlog = await outbox_backlog(connection)
+            samples.append((int(backlog["pending"]), backlog["oldest_s"]))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.1)
     finally:
@@ -186,10 +183,14 @@ def _latency_ms(samples: list[float]) -> dict[str, float]:
 async def _wait_until_published(deadline_s: float) -> float:
     """Waits until the outbox holds no unpublished event; returns how long that took."""
     started = time.perf_counter()
-    while time.perf_counter() < started + deadline_s:
-        if not (await outbox_backlog())["pending"]:
-            break
-        await asyncio.sleep(0.05)
+    connection = await asyncpg.connect(asyncpg_dsn(DATABASE_URL))
+    try:
+        while time.perf_counter() < started + deadline_s:
+            if not (await outbox_backlog(connection))["pending"]:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
     return time.perf_counter() - started
 
 
