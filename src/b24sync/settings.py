@@ -40,8 +40,6 @@ class Settings(BaseSettings):
     stages: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_STAGES))
     outbox_batch_size: int = 200
     outbox_poll_interval_s: float = 1.0
-    # Connections the relay publishes a batch through (see core/outbox/relay.py).
-    outbox_publish_lanes: int = 4
     # Uvicorn worker processes; each runs a reply consumer and, unless outbox_relay_process is
     # set, a relay (one publishes at a time).
     core_workers: int = 1

@@ -10,7 +10,6 @@ import asyncio
 from uuid import uuid4
 
 import uvloop
-from aio_pika.exceptions import AMQPError
 from bullmq import Queue, Worker
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -30,7 +29,7 @@ from b24sync.bitrix.transport import Transport
 from b24sync.bitrix.worker import create_worker, run_worker
 from b24sync.errors import unreachable
 from b24sync.logs import configure_logging, get_logger, register_secret, webhook_secret
-from b24sync.messaging import ConfirmedPublisher, describe_url
+from b24sync.messaging import ConfirmedPublisher, PublishError, describe_url
 from b24sync.serving import EmbeddedServer, wait_for_stop_signal
 from b24sync.settings import Settings
 
@@ -109,7 +108,7 @@ class BitrixService:
             raise unreachable("Redis", where, exc, "REDIS_URL") from None
         try:
             await self._publisher.connect()
-        except (AMQPError, OSError, TimeoutError) as exc:
+        except (PublishError, OSError, TimeoutError) as exc:
             where = describe_url(settings.rabbitmq_url)
             raise unreachable("RabbitMQ", where, exc, "RABBITMQ_URL") from None
         replies = ReplySender(self._publisher)

@@ -11,9 +11,9 @@ marked published only after its confirm. A crash anywhere before the commit leav
 unpublished, and whichever relay runs next sends it again (same message_id): duplicates are
 possible, losses are not.
 
-The relay publishes through connections of its own (`ConfirmedPublisher`, aio-pika without
-FastStream: the per-event CPU matters here). It keeps trying while RabbitMQ or PostgreSQL is
-down, and the robust connections reconnect after an outage.
+The relay publishes through a connection of its own (`ConfirmedPublisher`): a wave leaves in
+one socket write and its confirms are awaited together. It keeps trying while RabbitMQ or
+PostgreSQL is down, and the publisher reconnects after an outage.
 
 At least once means end to end, too: a user's latest event that the Bitrix service never
 answered (its job lost with Redis's data, its reply lost) is sent again after
@@ -47,7 +47,7 @@ from b24sync.core.outbox import repository
 from b24sync.core.outbox.repository import PendingEvent
 from b24sync.core.sync.service import resync_service
 from b24sync.logs import get_logger
-from b24sync.messaging import ConfirmedPublisher, describe_url
+from b24sync.messaging import ConfirmedPublisher, OutgoingMessage, describe_url
 from b24sync.settings import Settings
 
 log = get_logger(__name__)
@@ -105,15 +105,9 @@ class Relay:
     def __init__(self, settings: Settings, engine: AsyncEngine) -> None:
         self.settings = settings
         self.engine = engine
-        # Publishing lanes, each its own connection: aiormq confirms one publish per channel
-        # lock turn, so on a busy event loop one channel caps the relay's throughput. The
-        # events of a wave belong to different users, so they may leave by different lanes.
-        self._lanes = [
-            ConfirmedPublisher(settings.rabbitmq_url, settings.rabbitmq_queue_type)
-            for _ in range(settings.outbox_publish_lanes)
-        ]
+        self._publisher = ConfirmedPublisher(settings.rabbitmq_url, settings.rabbitmq_queue_type)
         self._wakeup = asyncio.Event()
-        # Set once the lanes are first connected; later outages are the robust connections' job.
+        # Set once first connected; later outages are the publisher's own to recover from.
         self.connected = asyncio.Event()
         self._next_resend_check = 0.0
         self._next_retry_check = 0.0
@@ -153,7 +147,7 @@ class Relay:
             listener.cancel()
             with suppress(asyncio.CancelledError):
                 await listener
-            await asyncio.gather(*(lane.close() for lane in self._lanes), return_exceptions=True)
+            await self._publisher.close()
 
     async def _resend_when_due(self) -> None:
         after_s = self.settings.sync_resend_after_s
@@ -212,7 +206,7 @@ class Relay:
         confirmed together: a user's events still leave one after another, in seq order.
         Events confirmed before a failure are marked published, then the failure is raised.
         """
-        await self._connect_lanes()
+        await self._connect()
         published: list[UUID] = []
         failure: BaseException | None = None
         async with repository.relay_transaction(self.engine) as transaction:
@@ -222,16 +216,10 @@ class Relay:
                 hold=self.settings.hold_until_lead_id,
             )
             for wave in waves(events):
-                results = await asyncio.gather(
-                    *(
-                        self._publish(event, self._lanes[n % len(self._lanes)])
-                        for n, event in enumerate(wave)
-                    ),
-                    return_exceptions=True,
-                )
+                results = await self._publish(wave)
                 published_before = len(published)
                 for event, result in zip(wave, results, strict=True):
-                    if isinstance(result, BaseException):
+                    if result is not None:
                         failure = failure or result
                     else:
                         published.append(event.id)
@@ -245,26 +233,31 @@ class Relay:
             raise failure
         return len(published)
 
-    async def _connect_lanes(self) -> None:
-        """Connects the lanes the first time; a no-op after that."""
+    async def _connect(self) -> None:
+        """Connects the first time; a no-op after that (the publisher reconnects by itself)."""
         if self.connected.is_set():
             return
         async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-            await asyncio.gather(*(lane.connect() for lane in self._lanes))
+            await self._publisher.connect()
         log.info(
             "[Core] Connected to RabbitMQ successfully",
             url=describe_url(self.settings.rabbitmq_url),
-            lanes=len(self._lanes),
         )
         self.connected.set()
 
-    async def _publish(self, event: PendingEvent, lane: ConfirmedPublisher) -> None:
-        # Encoded once, for the log line and the message alike.
-        text = json.dumps(wire_body(event.body, event.bitrix_lead_id), ensure_ascii=False)
-        message_id = str(event.id)
-        log.info("[Core] About to emit message to BITRIX_SERVICE: " + text, message_id=message_id)
+    async def _publish(self, wave: list[PendingEvent]) -> list[BaseException | None]:
+        """Publishes a wave in one write; for each event, None once confirmed, else why not."""
+        messages = []
+        for event in wave:
+            # Encoded once, for the log line and the message alike.
+            text = json.dumps(wire_body(event.body, event.bitrix_lead_id), ensure_ascii=False)
+            message_id = str(event.id)
+            log.info(
+                "[Core] About to emit message to BITRIX_SERVICE: " + text, message_id=message_id
+            )
+            messages.append(OutgoingMessage(text.encode(), message_id=message_id))
         async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-            await lane.publish(self.settings.rabbitmq_queue, text.encode(), message_id=message_id)
+            return await self._publisher.publish_many(self.settings.rabbitmq_queue, messages)
 
     async def _listen(self) -> None:
         """Keeps a LISTEN connection open; reconnects when it drops (polling covers the gap)."""
