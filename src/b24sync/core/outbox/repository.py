@@ -1,6 +1,7 @@
-"""All SQL on the outbox_events table but one statement: a new user and its first event are
-inserted together by `UserRepository.create`, because the event needs the id that insert
-assigns."""
+"""All SQL on the outbox_events table but for two statements of `UserRepository`: a new user
+and its first event are inserted together (`create`: the event needs the id that insert
+assigns), and a reply's event is read and answered with its user's sync state
+(`get_with_event`, `record_reply`: one round trip each on the reply path)."""
 
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ class AnsweredEvent:
     answer_status: str | None
 
 
-_ANSWERED_EVENT_COLUMNS = (
+ANSWERED_EVENT_COLUMNS = (
     OutboxEvent.id,
     OutboxEvent.user_id,
     OutboxEvent.pattern,
@@ -124,22 +125,23 @@ _ANSWERED_EVENT_COLUMNS = (
 )
 
 
-def _answered_event(row: Any) -> AnsweredEvent:
+def answered_event(row: Sequence[Any]) -> AnsweredEvent:
+    """The event from a row of `ANSWERED_EVENT_COLUMNS`, in that order."""
+    event_id, user_id, pattern, version, published_at, status = row
     return AnsweredEvent(
-        id=row.id,
-        user_id=row.user_id,
-        pattern=Pattern(row.pattern),
-        version=row.version,
-        published_at=row.published_at,
-        answer_status=row.answer_status,
+        id=event_id,
+        user_id=user_id,
+        pattern=Pattern(pattern),
+        version=version,
+        published_at=published_at,
+        answer_status=status,
     )
 
 
 # Built once: on the reply path, building a statement cost more CPU than running it. The
 # answer's UPDATE is on the table: the ORM's bulk-update machinery cost more than the statement.
-_GET_EVENT = select(*_ANSWERED_EVENT_COLUMNS).where(OutboxEvent.id == bindparam("event_id"))
 _OUTBOX = cast(Table, OutboxEvent.__table__)
-_RECORD_ANSWER = (
+RECORD_ANSWER = (
     update(_OUTBOX)
     .where(_OUTBOX.c.id == bindparam("event_id"))
     .values(
@@ -148,11 +150,6 @@ _RECORD_ANSWER = (
         answer_reason=bindparam("new_reason"),
     )
 )
-
-
-async def get_event(session: AsyncSession, event_id: UUID) -> AnsweredEvent | None:
-    row = (await session.execute(_GET_EVENT, {"event_id": event_id})).one_or_none()
-    return _answered_event(row) if row is not None else None
 
 
 async def oldest_unanswered(
@@ -170,7 +167,7 @@ async def oldest_unanswered(
         .with_for_update()
     )
     statement = (
-        select(*_ANSWERED_EVENT_COLUMNS)
+        select(*ANSWERED_EVENT_COLUMNS)
         .where(
             OutboxEvent.user_id == user_id,
             OutboxEvent.answered_at.is_(None),
@@ -184,7 +181,7 @@ async def oldest_unanswered(
     if version is not None:
         statement = statement.where(OutboxEvent.version == version)
     row = (await session.execute(statement)).one_or_none()
-    return _answered_event(row) if row is not None else None
+    return answered_event(row) if row is not None else None
 
 
 async def history(session: AsyncSession, user_id: int, limit: int) -> Sequence[OutboxEvent]:
@@ -201,9 +198,11 @@ async def history(session: AsyncSession, user_id: int, limit: int) -> Sequence[O
 async def record_answer(
     session: AsyncSession, event_id: UUID, status: AnswerStatus, reason: str | None
 ) -> None:
-    await session.execute(
-        _RECORD_ANSWER, {"event_id": event_id, "new_status": status.value, "new_reason": reason}
-    )
+    await session.execute(RECORD_ANSWER, answer_parameters(event_id, status, reason))
+
+
+def answer_parameters(event_id: UUID, status: AnswerStatus, reason: str | None) -> dict[str, Any]:
+    return {"event_id": event_id, "new_status": status.value, "new_reason": reason}
 
 
 # The relay's statements go straight through the asyncpg driver (its prepared-statement cache):

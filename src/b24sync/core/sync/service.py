@@ -40,7 +40,13 @@ from b24sync.core.outbox import repository as outbox_repository
 from b24sync.core.outbox.repository import AnsweredEvent
 from b24sync.core.outbox.service import outbox_service
 from b24sync.core.sync.schemas import FailedUsers, OutboxBacklog, SyncOverview, UserSyncCounts
-from b24sync.core.users.repository import FRESH_SYNC_STATE, DatabaseNow, UserRepository
+from b24sync.core.users.repository import (
+    FRESH_SYNC_STATE,
+    Answer,
+    DatabaseNow,
+    PullRetries,
+    UserRepository,
+)
 from b24sync.settings import Settings
 
 UNKNOWN_ERROR = "Bitrix service reported an error without a reason"
@@ -89,6 +95,14 @@ def answer_status(reply: ReplyData) -> AnswerStatus:
     return AnswerStatus.SKIPPED if reply.skipped else AnswerStatus.SUCCESS
 
 
+def _event_id(correlation_id: str | None) -> UUID | None:
+    """The event a correlation id names (Core's event ids are UUIDs); None for anything else."""
+    try:
+        return UUID(correlation_id) if correlation_id else None
+    except ValueError:
+        return None
+
+
 def _clean(text: str) -> str:
     # PostgreSQL's text cannot hold NUL, whatever Bitrix24 put in its message.
     return text.replace("\x00", "")
@@ -103,47 +117,34 @@ class ReplyService:
         *,
         correlation_id: str | None = None,
     ) -> Outcome:
-        repository = UserRepository(session)
-        user = await repository.get(reply.target_user_id, for_update=True)
-        if user is None:
+        found = await UserRepository(session).get_with_event(
+            reply.target_user_id, _event_id(correlation_id)
+        )
+        if found is None:
             return Outcome.UNKNOWN_USER
-        event = await self._tie(session, user.id, reply, correlation_id)
+        user, event = found
+        if event is None:
+            # Tied by the rule for replies without a (known) correlation id.
+            pattern = PATTERN_BY_ACTION[reply.action] if reply.action is not None else None
+            event = await outbox_repository.oldest_unanswered(
+                session, user.id, pattern, reply.version
+            )
         if event is None:
             return await self._apply_untied(session, settings, user, reply)
         status = answer_status(reply)
         if event.answer_status in (status.value, AnswerStatus.SUCCESS.value):
             return Outcome.DUPLICATE
         reason = _clean(reply.reason) if reply.reason is not None else None
-        await outbox_repository.record_answer(session, event.id, status, reason)
+        answer = Answer(event.id, status, reason)
         if status is AnswerStatus.SKIPPED:
-            return await self._apply_skipped(session, settings, user, reply)
+            return await self._apply_skipped(session, settings, user, reply, answer)
         if status is AnswerStatus.SUCCESS:
             values = self._success(user, reply, event.version)
-        else:
-            values = self._error(settings, user, reply, event)
-        outcome = await self._update(session, settings, user, values)
-        if status is AnswerStatus.SUCCESS:
             # The portal took this event: retries waiting since before it went out may pass.
-            pulled = await repository.pull_retries_forward(
-                event.published_at, settings.sync_retry_batch
-            )
-            if pulled:
-                await outbox_repository.wake_relay(session)
-        return outcome
-
-    async def _tie(
-        self, session: AsyncSession, user_id: int, reply: ReplyData, correlation_id: str | None
-    ) -> AnsweredEvent | None:
-        """The event the reply answers (see the module's docstring), or None."""
-        if correlation_id:
-            try:
-                event = await outbox_repository.get_event(session, UUID(correlation_id))
-            except ValueError:
-                event = None
-            if event is not None and event.user_id == user_id:
-                return event
-        pattern = PATTERN_BY_ACTION[reply.action] if reply.action is not None else None
-        return await outbox_repository.oldest_unanswered(session, user_id, pattern, reply.version)
+            pull = PullRetries(event.published_at, settings.sync_retry_batch)
+            return await self._update(session, settings, user, values, answer, pull)
+        values = self._error(settings, user, reply, event)
+        return await self._update(session, settings, user, values, answer)
 
     def _success(self, user: User, reply: ReplyData, version: int) -> dict[str, Any]:
         latest = version == user.version
@@ -192,9 +193,18 @@ class ReplyService:
         return values
 
     async def _apply_skipped(
-        self, session: AsyncSession, settings: Settings, user: User, reply: ReplyData
+        self,
+        session: AsyncSession,
+        settings: Settings,
+        user: User,
+        reply: ReplyData,
+        answer: Answer | None = None,
     ) -> Outcome:
         if reply.applied_version is not None and reply.applied_version > user.version:
+            if answer is not None:
+                await outbox_repository.record_answer(
+                    session, answer.event_id, answer.status, answer.reason
+                )
             if user.sync_force:
                 return Outcome.UNCHANGED  # a restatement is already on its way
             await resync_service.resync(session, settings, [user.id], force=True)
@@ -202,7 +212,7 @@ class ReplyService:
         values = {}
         if reply.bitrix_lead_id is not None and user.bitrix_lead_id is None:
             values["bitrix_lead_id"] = reply.bitrix_lead_id
-        return await self._update(session, settings, user, values)
+        return await self._update(session, settings, user, values, answer)
 
     async def _apply_untied(
         self, session: AsyncSession, settings: Settings, user: User, reply: ReplyData
@@ -223,27 +233,37 @@ class ReplyService:
         return Outcome.UNTIED
 
     async def _update(
-        self, session: AsyncSession, settings: Settings, user: User, values: dict[str, Any]
+        self,
+        session: AsyncSession,
+        settings: Settings,
+        user: User,
+        values: dict[str, Any],
+        answer: Answer | None = None,
+        pull_retries: PullRetries | None = None,
     ) -> Outcome:
+        """Writes what changed of `values`, with the event's answer and the retries to pull
+        forward, in one statement; APPLIED when the user's sync state changed."""
         # A value computed by the database (now()) always counts as a change.
         values = {
             key: value
             for key, value in values.items()
             if isinstance(value, DatabaseNow) or getattr(user, key) != value
         }
-        if not values:
-            return Outcome.UNCHANGED
         if "synced_version" in values:
             values["synced_at"] = DatabaseNow()
-        await UserRepository(session).update_sync_state(user.id, values)
-        if (
-            settings.hold_until_lead_id
-            and user.bitrix_lead_id is None
-            and values.get("bitrix_lead_id")
-        ):
+        if values or answer is not None or pull_retries is not None:
+            pulled = await UserRepository(session).record_reply(
+                user.id, values, answer=answer, pull_retries=pull_retries
+            )
             # The user's held-back updates and moves can go now.
-            await outbox_repository.wake_relay(session)
-        return Outcome.APPLIED
+            releases_held = (
+                settings.hold_until_lead_id
+                and user.bitrix_lead_id is None
+                and values.get("bitrix_lead_id")
+            )
+            if pulled or releases_held:
+                await outbox_repository.wake_relay(session)
+        return Outcome.APPLIED if values else Outcome.UNCHANGED
 
 
 reply_service = ReplyService()

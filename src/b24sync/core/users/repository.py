@@ -1,4 +1,5 @@
-"""All SQL on the users table."""
+"""All SQL on the users table (and, on the reply path, a user's event read and answered in the
+same statement as the user)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
+from uuid import UUID
 
 import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import (
@@ -18,10 +20,13 @@ from sqlalchemy import (
     Interval,
     Table,
     Text,
+    Uuid,
+    and_,
     any_,
     bindparam,
     case,
     func,
+    literal_column,
     or_,
     select,
     update,
@@ -30,11 +35,19 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.sql.dml import Update
 from sqlalchemy.sql.expression import ColumnElement
+from sqlalchemy.sql.selectable import Select
 
 from b24sync.batching import Coalescer
 from b24sync.core.db import DRIVER_CONNECTION_ERRORS
-from b24sync.core.models import SyncStatus, User
-from b24sync.core.outbox.repository import NOTIFY_CHANNEL
+from b24sync.core.models import AnswerStatus, OutboxEvent, SyncStatus, User
+from b24sync.core.outbox.repository import (
+    ANSWERED_EVENT_COLUMNS,
+    NOTIFY_CHANNEL,
+    RECORD_ANSWER,
+    AnsweredEvent,
+    answer_parameters,
+    answered_event,
+)
 from b24sync.core.outbox.service import EventDraft
 
 _USERS = cast(Table, User.__table__)
@@ -134,6 +147,19 @@ def grouped_creates(engine: AsyncEngine, in_flight: int) -> Coalescer[NewUser, A
 # cost more CPU than the statement.
 _SELECT_USER = select(User).where(User.id == bindparam("user_id"))
 _SELECT_USER_FOR_UPDATE = _SELECT_USER.with_for_update()
+# The user locked, with the event a reply names when it is that user's.
+_SELECT_USER_WITH_EVENT = (
+    select(User, *ANSWERED_EVENT_COLUMNS)
+    .outerjoin(
+        OutboxEvent,
+        and_(
+            OutboxEvent.id == bindparam("event_id", type_=Uuid),
+            OutboxEvent.user_id == User.id,
+        ),
+    )
+    .where(User.id == bindparam("user_id"))
+    .with_for_update(of=User)
+)
 
 
 @functools.cache
@@ -176,11 +202,11 @@ class DatabaseNow:
 
 @functools.cache
 def _sync_state_statement(plain: frozenset[str], clock: frozenset[str]) -> Update:
-    """The UPDATE of `update_sync_state` for one set of columns: values bound as `new_<column>`,
-    those in `clock` as an interval after the database's now()."""
+    """The sync-state UPDATE of `record_reply` for one set of columns: values bound as
+    `new_<column>`, those in `clock` as an interval after the database's now()."""
     return (
         update(_USERS)
-        .where(_USERS.c.id == bindparam("user_id"))
+        .where(_USERS.c.id == bindparam("reply_user_id"))
         .values(
             **{key: bindparam(f"new_{key}") for key in plain},
             **{key: func.now() + bindparam(f"new_{key}", type_=Interval) for key in clock},
@@ -188,12 +214,14 @@ def _sync_state_statement(plain: frozenset[str], clock: frozenset[str]) -> Updat
     )
 
 
+# Other users' waiting retries made due now (see `record_reply`).
 _PULL_RETRIES_FORWARD = (
     update(_USERS)
     .where(
         _USERS.c.id.in_(
             select(_USERS.c.id)
             .where(
+                _USERS.c.id != bindparam("reply_user_id"),
                 _USERS.c.next_sync_at > func.now(),
                 _USERS.c.sync_failed_at
                 < func.coalesce(
@@ -209,6 +237,46 @@ _PULL_RETRIES_FORWARD = (
     .values(next_sync_at=func.now())
     .returning(_USERS.c.id)
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An event's answer to record."""
+
+    event_id: UUID
+    status: AnswerStatus
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PullRetries:
+    """Retries to make due now: up to `limit` of users that failed before `failed_before`
+    (now when None)."""
+
+    failed_before: datetime | None
+    limit: int
+
+
+@functools.cache
+def _reply_statement(
+    plain: frozenset[str], clock: frozenset[str], answer: bool, pull: bool
+) -> Select[Any]:
+    """What a reply teaches, written in one statement: the event's answer, the user's sync
+    state and the retries pulled forward, each a CTE when there is one; it returns how many
+    retries were pulled. PostgreSQL runs every data-modifying CTE, referenced or not.
+
+    The user's id is bound as `reply_user_id`: a parameter named like a column of a table an
+    UPDATE writes (`outbox_events.user_id`) would be taken by SQLAlchemy as a value to set."""
+    ctes = []
+    if answer:
+        ctes.append(RECORD_ANSWER.returning(OutboxEvent.__table__.c.id).cte("answer"))
+    if plain or clock:
+        ctes.append(_sync_state_statement(plain, clock).returning(_USERS.c.id).cte("state"))
+    if pull:
+        statement = select(func.count()).select_from(_PULL_RETRIES_FORWARD.cte("pulled"))
+    else:
+        statement = select(literal_column("0"))
+    return statement.add_cte(*ctes)
 
 
 def _user(row: Any) -> User:
@@ -270,17 +338,47 @@ class UserRepository:
         row = result.one_or_none()
         return _user(row._mapping) if row is not None else None
 
-    async def update_sync_state(self, user_id: int, values: dict[str, Any]) -> None:
-        """Records what Bitrix24 answered; never touches the user's own data or version.
-        A `DatabaseNow` value is the database's clock when the statement runs."""
+    async def get_with_event(
+        self, user_id: int, event_id: UUID | None
+    ) -> tuple[User, AnsweredEvent | None] | None:
+        """The user, locked, and its event `event_id` (None when that is not the user's
+        event); None when there is no such user. One round trip on the reply path."""
+        result = await self.session.execute(
+            _SELECT_USER_WITH_EVENT,
+            {"user_id": user_id, "event_id": event_id},
+            execution_options={"populate_existing": True},
+        )
+        row = result.one_or_none()
+        if row is None:
+            return None
+        event = answered_event(row[1:]) if row[1] is not None else None
+        return row[0], event
+
+    async def record_reply(
+        self,
+        user_id: int,
+        values: dict[str, Any],
+        *,
+        answer: Answer | None = None,
+        pull_retries: PullRetries | None = None,
+    ) -> int:
+        """Records what Bitrix24 answered, in one statement: the user's sync state `values`
+        (never the user's own data or version; a `DatabaseNow` value is the database's clock
+        when the statement runs), the event's `answer`, and with `pull_retries` other users'
+        waiting retries made due now. Returns how many retries were pulled forward."""
         clock = frozenset(key for key, value in values.items() if isinstance(value, DatabaseNow))
-        parameters = {
+        parameters: dict[str, Any] = {
             f"new_{key}": value.after if key in clock else value for key, value in values.items()
         }
-        await self.session.execute(
-            _sync_state_statement(frozenset(values) - clock, clock),
-            {"user_id": user_id, **parameters},
+        parameters["reply_user_id"] = user_id
+        if answer is not None:
+            parameters.update(answer_parameters(answer.event_id, answer.status, answer.reason))
+        if pull_retries is not None:
+            parameters.update(failed_before=pull_retries.failed_before, limit=pull_retries.limit)
+        statement = _reply_statement(
+            frozenset(values) - clock, clock, answer is not None, pull_retries is not None
         )
+        return int(await self.session.scalar(statement, parameters) or 0)
 
     async def lock_many(self, user_ids: Sequence[int]) -> Sequence[User]:
         """The users that exist among `user_ids`, locked, in id order (so that two callers
@@ -317,15 +415,6 @@ class UserRepository:
         if due:
             statement = statement.where(User.next_sync_at <= func.now())
         return (await self.session.scalars(statement)).all()
-
-    async def pull_retries_forward(self, failed_before: datetime | None, limit: int) -> int:
-        """Makes up to `limit` waiting retries of users that failed before `failed_before`
-        (now when None) due now, earliest first (users locked by someone else are left for
-        another time); returns how many."""
-        result = await self.session.execute(
-            _PULL_RETRIES_FORWARD, {"failed_before": failed_before, "limit": limit}
-        )
-        return len(result.all())
 
     async def existing_ids(self, user_ids: Sequence[int]) -> Sequence[int]:
         """The ids among `user_ids` that name a user."""
