@@ -94,8 +94,10 @@ def create_app(settings: Settings) -> FastAPI:
             raise
         creates = grouped_creates(engine, settings.create_groups_in_flight)
         sessionmaker = create_sessionmaker(engine, info={GROUPED_CREATES: creates})
-        # Only the reply consumer's: its per-message access log at INFO would be noise.
-        broker = RabbitBroker(settings.rabbitmq_url, log_level=logging.DEBUG)
+        # Only the reply consumer's: its per-message access log at INFO would be noise. No
+        # dependency injection: it handed every delivery to a worker thread and back (the
+        # message's context field is a synchronous call), a tenth of Core's CPU on replies.
+        broker = RabbitBroker(settings.rabbitmq_url, log_level=logging.DEBUG, apply_types=False)
         register_reply_consumer(broker, settings, sessionmaker)
         app.state.engine = engine
         app.state.sessionmaker = sessionmaker

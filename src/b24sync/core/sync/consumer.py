@@ -17,7 +17,7 @@ from typing import Any
 from faststream.message import StreamMessage
 from faststream.middlewares import AckPolicy
 from faststream.rabbit import Channel, RabbitBroker
-from faststream.rabbit.annotations import RabbitMessage
+from faststream.rabbit.message import RabbitMessage
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -86,9 +86,10 @@ async def handle_reply(
     return True
 
 
-async def _raw_body(message: StreamMessage[Any]) -> bytes:
-    """Leaves the body undecoded: `parse_reply` reads it and reports what is wrong with it."""
-    return message.body
+async def _whole_message(message: StreamMessage[Any]) -> StreamMessage[Any]:
+    """The handler gets the delivery itself (the broker injects nothing): the body stays
+    undecoded for `parse_reply` to read and report on, and the ack is the handler's."""
+    return message
 
 
 def register_reply_consumer(
@@ -104,7 +105,7 @@ def register_reply_consumer(
         # Deliveries beyond the replies being applied wait in RabbitMQ, not in this process.
         channel=Channel(prefetch_count=2 * settings.reply_concurrency),
         ack_policy=AckPolicy.MANUAL,
-        decoder=_raw_body,
+        decoder=_whole_message,
     )
     async def on_reply(message: RabbitMessage) -> None:
         # Returns once the reply has a slot: the next delivery is read meanwhile.
