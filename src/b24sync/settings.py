@@ -69,8 +69,8 @@ class Settings(BaseSettings):
     create_groups_in_flight: int = 2
     db_pool_size: int = 20
     db_max_overflow: int = 10
-    # Replies Core applies at once, each in its own transaction (its connections come from the
-    # pool, DB_POOL_SIZE).
+    # Replies Core handles at once, applied in groups of up to this many to a transaction (two
+    # groups at a time, their connections from the pool, DB_POOL_SIZE).
     reply_concurrency: int = Field(default=8, ge=1, le=256)
 
     # --- Messaging ------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from b24sync.core.sync.consumer import handle_reply
+from b24sync.core.sync.consumer import ReplyApplier, handle_reply
 from b24sync.core.sync.service import Outcome
 from b24sync.settings import Settings
 from tests.conftest import eventually
@@ -76,7 +76,7 @@ async def sent_user(sessions: Sessions, settings: Settings) -> tuple[int, str]:
 async def test_success_marks_synced(sessions: Sessions, core_settings: Settings, wrap: Any) -> None:
     user_id, event_id = await sent_user(sessions, core_settings)
     assert await handle_reply(
-        wrap(success(user_id, 1)), sessions, core_settings, correlation_id=event_id
+        wrap(success(user_id, 1)), ReplyApplier(sessions, core_settings), correlation_id=event_id
     )
     user = await read_user(sessions, user_id)
     assert (user.sync_status, user.bitrix_lead_id, user.synced_version) == ("synced", 456, 1)
@@ -290,13 +290,16 @@ async def test_nestjs_success_without_user_ties_to_the_oldest_unanswered_create(
     await rename_user(sessions, core_settings, user.id, "Иван Петров")
     await publish_all(sessions)
 
-    assert await handle_reply(envelope(nestjs_success(user.id)), sessions, core_settings)
+    assert await handle_reply(
+        envelope(nestjs_success(user.id)), ReplyApplier(sessions, core_settings)
+    )
     after = await read_user(sessions, user.id)
     # The create's answer: the lead id, version 1 written; version 2 still on its way.
     assert (after.bitrix_lead_id, after.synced_version, after.sync_status) == (456, 1, "pending")
 
     assert await handle_reply(
-        envelope(nestjs_success(user.id, action="update_card")), sessions, core_settings
+        envelope(nestjs_success(user.id, action="update_card")),
+        ReplyApplier(sessions, core_settings),
     )
     synced = await read_user(sessions, user.id)
     assert (synced.synced_version, synced.sync_status) == (2, "synced")
@@ -316,7 +319,7 @@ async def test_the_seeds_success_without_a_version_never_syncs_a_newer_change(
     seed_reply = {"status": "success", "action": "create_card", "bitrix_lead_id": 456,
                   "user": {"id": user.id, "full_name": "Иван Иванов",
                            "phone": "+77001112233", "stage": "NEW"}}  # fmt: skip
-    assert await handle_reply(bare(seed_reply), sessions, core_settings)
+    assert await handle_reply(bare(seed_reply), ReplyApplier(sessions, core_settings))
     after = await read_user(sessions, user.id)
     assert (after.synced_version, after.sync_status) == (1, "pending")
     assert after.full_name == "Иван Петров"  # a reply never changes the user's own data
@@ -326,7 +329,9 @@ async def test_nestjs_final_error_is_read_from_error_and_ties_without_an_action(
     sessions: Sessions, core_settings: Settings
 ) -> None:
     user_id, _ = await sent_user(sessions, core_settings)
-    assert await handle_reply(envelope(nestjs_final_error(user_id)), sessions, core_settings)
+    assert await handle_reply(
+        envelope(nestjs_final_error(user_id)), ReplyApplier(sessions, core_settings)
+    )
     user = await read_user(sessions, user_id)
     assert (user.sync_status, user.sync_error) == ("failed", "Bitrix24 is unreachable")
     # Their service does not say; anything but their validation error is worth a retry.
@@ -338,7 +343,9 @@ async def test_seeds_missing_phone_error_is_permanent(
     sessions: Sessions, core_settings: Settings
 ) -> None:
     user_id, _ = await sent_user(sessions, core_settings)
-    assert await handle_reply(bare(seed_missing_phone(user_id)), sessions, core_settings)
+    assert await handle_reply(
+        bare(seed_missing_phone(user_id)), ReplyApplier(sessions, core_settings)
+    )
     user = await read_user(sessions, user_id)
     assert (user.sync_status, user.sync_error) == ("failed", "Missing phone number")
     assert (user.sync_retryable, user.next_sync_at) == (False, None)
@@ -405,14 +412,17 @@ async def test_a_reply_faster_than_the_relays_commit_still_ties_to_its_event(
 async def test_malformed_reply_is_dropped(
     sessions: Sessions, core_settings: Settings, body: bytes, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    assert await handle_reply(body, sessions, core_settings) is True
+    assert await handle_reply(body, ReplyApplier(sessions, core_settings)) is True
     assert "[Core] Malformed reply dropped" in capfd.readouterr().out
 
 
 async def test_reply_for_unknown_user_is_dropped(
     sessions: Sessions, core_settings: Settings, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    assert await handle_reply(envelope(success(987654321, 1)), sessions, core_settings) is True
+    assert (
+        await handle_reply(envelope(success(987654321, 1)), ReplyApplier(sessions, core_settings))
+        is True
+    )
     logged = capfd.readouterr().out
     assert "[Core] Bitrix Response Received: " in logged
     assert "outcome=unknown_user" in logged
@@ -464,3 +474,30 @@ async def test_consumer_survives_a_huge_lead_id(
         await eventually(synced)
         assert (await http.get(f"/users/{user.id}")).json()["bitrix_lead_id"] == 456
     assert await queue_depth(core_settings.rabbitmq_reply_queue) == 0
+
+
+async def test_replies_arriving_together_are_each_applied_once(
+    committed: Sessions, core_settings: Settings
+) -> None:
+    """Applied in groups of several to a transaction, in any order of arrival: every user ends
+    synced with its own lead id, and each reply is answered for itself (one of them names no
+    user Core has, the others' group still commits)."""
+    sent = [await sent_user(committed, core_settings) for _ in range(30)]
+    applier = ReplyApplier(committed, core_settings)
+    replies = [
+        handle_reply(
+            envelope(success(user_id, 1, lead=5000 + user_id)),
+            applier,
+            correlation_id=event_id,
+        )
+        for user_id, event_id in reversed(sent)
+    ]
+    replies.append(handle_reply(envelope(success(987654321, 1)), applier))
+    assert await asyncio.gather(*replies) == [True] * 31
+    for user_id, _ in sent:
+        user = await read_user(committed, user_id)
+        assert (user.sync_status, user.bitrix_lead_id, user.synced_version) == (
+            "synced",
+            5000 + user_id,
+            1,
+        )

@@ -4,14 +4,20 @@ Acknowledged by hand, after the database commit: a crash before it means a redel
 the rules in `sync.service` make harmless. A reply that cannot be read or applied is logged
 and acknowledged, so it never blocks the queue; only an unreachable database (or a conflict
 with a concurrent transaction) makes a reply go back to the queue, after a pause so that an
-outage does not spin. Up to `REPLY_CONCURRENCY` replies are applied at once, each in its own
-transaction: a user's row lock orders the replies of one user, and their order never mattered
-since each is tied to the event it answers.
+outage does not spin. Up to `REPLY_CONCURRENCY` replies are handled at once.
+
+Replies that arrive together are applied together (`ReplyApplier`): one transaction for a group,
+which saves a BEGIN and a COMMIT per reply, a third of what a reply cost Core. A group locks its
+users in id order, so two groups never wait for each other in a circle; a user's row lock orders
+the replies of one user, and their order never mattered since each is tied to the event it
+answers. When a group fails for a reason one reply could cause (a conflict, a bug), each of its
+replies is applied again alone, so one bad reply holds up only itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 from faststream.message import StreamMessage
@@ -21,7 +27,8 @@ from faststream.rabbit.message import RabbitMessage
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from b24sync.contracts import MalformedMessageError, parse_reply
+from b24sync.batching import Coalescer
+from b24sync.contracts import MalformedMessageError, ReplyData, parse_reply
 from b24sync.core.sync.service import Outcome, reply_service
 from b24sync.logs import get_logger, shorten
 from b24sync.messaging import durable_queue
@@ -30,6 +37,8 @@ from b24sync.settings import Settings
 log = get_logger(__name__)
 
 RETRY_PAUSE_S = 1.0
+# Groups of replies being applied at once: one fills while the other commits.
+GROUPS_IN_FLIGHT = 2
 _LOGGED_BODY_CHARS = 2000
 # The database is unreachable (as opposed to refusing this one reply).
 _TRANSIENT = (OperationalError, InterfaceError, OSError, TimeoutError)
@@ -42,12 +51,48 @@ def _is_conflict(exc: DBAPIError) -> bool:
     return getattr(exc.orig, "sqlstate", None) in _CONFLICT_STATES
 
 
+def _one_reply_to_blame(exc: BaseException) -> bool:
+    """An error one reply of a group could cause, as opposed to the database being gone."""
+    return not isinstance(exc, _TRANSIENT)
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingReply:
+    reply: ReplyData
+    # The AMQP property: the id of the event it answers, when the sender set it.
+    correlation_id: str | None
+
+
+class ReplyApplier:
+    """Applies replies, those that arrive together in one transaction (see the module's
+    docstring); a reply alone is applied at once."""
+
+    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], settings: Settings) -> None:
+        self._sessionmaker = sessionmaker
+        self._settings = settings
+        self._groups: Coalescer[IncomingReply, Outcome] = Coalescer(
+            self._apply_group,
+            max_in_flight=GROUPS_IN_FLIGHT,
+            max_items=settings.reply_concurrency,
+            retry_alone=_one_reply_to_blame,
+        )
+
+    async def apply(self, reply: ReplyData, correlation_id: str | None) -> Outcome:
+        return await self._groups.submit(IncomingReply(reply, correlation_id))
+
+    async def _apply_group(self, group: list[IncomingReply]) -> list[Outcome]:
+        outcomes: list[Outcome | None] = [None] * len(group)
+        in_lock_order = sorted(range(len(group)), key=lambda n: group[n].reply.target_user_id)
+        async with self._sessionmaker() as session, session.begin():
+            for n in in_lock_order:
+                outcomes[n] = await reply_service.apply(
+                    session, self._settings, group[n].reply, correlation_id=group[n].correlation_id
+                )
+        return [outcome for outcome in outcomes if outcome is not None]
+
+
 async def handle_reply(
-    body: bytes,
-    sessionmaker: async_sessionmaker[AsyncSession],
-    settings: Settings,
-    *,
-    correlation_id: str | None = None,
+    body: bytes, applier: ReplyApplier, *, correlation_id: str | None = None
 ) -> bool:
     """Applies one reply (`correlation_id`: the AMQP property, the id of the event it answers,
     when the sender set it); returns False when it should be retried later."""
@@ -60,10 +105,7 @@ async def handle_reply(
         return True
     user_id = reply.target_user_id
     try:
-        async with sessionmaker() as session, session.begin():
-            outcome = await reply_service.apply(
-                session, settings, reply, correlation_id=correlation_id
-            )
+        outcome = await applier.apply(reply, correlation_id)
     except _TRANSIENT as exc:
         log.warning("[Core] Reply not applied, database unavailable; will retry", error=exc)
         return False
@@ -98,6 +140,7 @@ def register_reply_consumer(
     sessionmaker: async_sessionmaker[AsyncSession],
 ) -> None:
     slots = asyncio.Semaphore(settings.reply_concurrency)
+    applier = ReplyApplier(sessionmaker, settings)
     running: set[asyncio.Task[None]] = set()
 
     @broker.subscriber(
@@ -119,9 +162,7 @@ def register_reply_consumer(
         # FastStream makes a correlation id up when the message has none: read the real one.
         correlation_id = message.raw_message.correlation_id
         try:
-            done = await handle_reply(
-                message.body, sessionmaker, settings, correlation_id=correlation_id
-            )
+            done = await handle_reply(message.body, applier, correlation_id=correlation_id)
         except Exception as exc:  # a bug must not stall the queue or the consumer
             log.exception("[Core] Reply handling failed, dropped", error=exc)
             done = True
