@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import ssl
 import struct
 from collections import Counter
@@ -66,6 +67,8 @@ _HAS_CONTENT_TYPE, _HAS_DELIVERY_MODE = 1 << 15, 1 << 12
 _HAS_CORRELATION_ID, _HAS_MESSAGE_ID = 1 << 10, 1 << 7
 _CHANNEL = 1
 _FRAME_SIZE = struct.Struct(">I")
+# The properties every message has, first in the spec's order: content type, delivery mode.
+_COMMON_FLAGS = _HAS_CONTENT_TYPE | _HAS_DELIVERY_MODE
 
 
 def _frame(kind: int, payload: bytes) -> bytes:
@@ -77,13 +80,25 @@ def _short(text: str) -> bytes:
     return bytes((len(data),)) + data
 
 
-def _publish_frames(queue: str, message: OutgoingMessage, frame_max: int) -> bytes:
-    """Basic.Publish to the default exchange, mandatory, then the header and the body frames.
+_COMMON_PROPERTIES = _short(CONTENT_TYPE) + bytes((_PERSISTENT,))
+
+
+def _publish_method(queue: str) -> bytes:
+    """The Basic.Publish frame to `queue` through the default exchange, mandatory (an
+    unroutable message comes back instead of vanishing): the same for every message to it."""
+    return _frame(
+        _FRAME_METHOD,
+        struct.pack(">HHH", _BASIC_CLASS, _BASIC_PUBLISH, 0) + b"\x00" + _short(queue) + b"\x01",
+    )
+
+
+def _publish_frames(method: bytes, message: OutgoingMessage, frame_max: int) -> bytes:
+    """The publish `method`, then the message's header and body frames.
 
     Encoded here rather than through pamqp's generic marshalling: this runs for every message
     both services send, and the generic path cost several times more CPU than the publish."""
-    flags = _HAS_CONTENT_TYPE | _HAS_DELIVERY_MODE
-    properties = _short(CONTENT_TYPE) + bytes((_PERSISTENT,))
+    flags = _COMMON_FLAGS
+    properties = _COMMON_PROPERTIES
     if message.correlation_id is not None:
         flags |= _HAS_CORRELATION_ID
         properties += _short(message.correlation_id)
@@ -92,17 +107,8 @@ def _publish_frames(queue: str, message: OutgoingMessage, frame_max: int) -> byt
         properties += _short(message.message_id)
     body = message.body
     parts = [
-        _frame(
-            _FRAME_METHOD,
-            struct.pack(">HHH", _BASIC_CLASS, _BASIC_PUBLISH, 0)
-            + b"\x00"  # the default exchange
-            + _short(queue)
-            + b"\x01",  # mandatory: an unroutable message comes back instead of vanishing
-        ),
-        _frame(
-            _FRAME_HEADER,
-            struct.pack(">HHQH", _BASIC_CLASS, 0, len(body), flags) + properties,
-        ),
+        method,
+        _frame(_FRAME_HEADER, struct.pack(">HHQH", _BASIC_CLASS, 0, len(body), flags) + properties),
     ]
     room = frame_max - 8  # a frame's header and end byte
     parts.extend(_frame(_FRAME_BODY, body[at : at + room]) for at in range(0, len(body), room))
@@ -218,9 +224,9 @@ class _Connection(asyncio.Protocol):
         """Sends a synchronous method and returns the broker's answer to it."""
         async with self._calls:
             self._send(channel, method)
-            return await self._expect(object)
+            return await self._expect()
 
-    async def _expect(self, kind: type) -> Any:
+    async def _expect(self, kind: type = object) -> Any:
         answer = await self._replies.get()
         if isinstance(answer, BaseException):
             raise answer
@@ -245,8 +251,9 @@ class _Connection(asyncio.Protocol):
                 (message.message_id, message.correlation_id),
             )
             confirms.append(confirm)
+        method = _publish_method(queue)
         self._transport.write(
-            b"".join(_publish_frames(queue, message, self.frame_max) for message in messages)
+            b"".join(_publish_frames(method, message, self.frame_max) for message in messages)
         )
         return confirms
 
@@ -310,14 +317,18 @@ class _Connection(asyncio.Protocol):
         self._returning = None
 
     def _confirm(self, tag: int, multiple: bool, refusal: str | None) -> None:
-        tags = [t for t in self._unconfirmed if t <= tag] if multiple else [tag]
+        if multiple:
+            # Tags were added in increasing order: those up to `tag` come first.
+            tags = list(itertools.takewhile(lambda each: each <= tag, self._unconfirmed))
+        else:
+            tags = [tag]
         for each in tags:
             entry = self._unconfirmed.pop(each, None)
             if entry is None:
                 continue
             confirm, ids = entry
             error = refusal
-            if self._returned[ids] > 0:
+            if self._returned and self._returned[ids] > 0:
                 self._returned[ids] -= 1
                 error = "unroutable: no queue took the message"
             if confirm.done():  # its publisher gave up waiting
@@ -379,10 +390,10 @@ class ConfirmedPublisher:
     async def connect(self) -> None:
         """Connects, or joins an attempt under way; a no-op while connected. Shielded: an
         attempt cancelled half-way would leave an open connection nobody closes."""
+        self._closed = False
         await self._connected()
 
     async def _connected(self) -> _Connection:
-        self._closed = False
         if self._connection is not None and not self._connection.lost.is_set():
             return self._connection
         if self._opening is None or self._opening.done():
@@ -455,12 +466,14 @@ class ConfirmedPublisher:
                 ),
             )
             connection.declared.add(queue)
-        results = await asyncio.gather(*connection.publish(queue, messages), return_exceptions=True)
+        results: list[BaseException | None] = await asyncio.gather(
+            *connection.publish(queue, messages), return_exceptions=True
+        )
         if any(isinstance(result, PublishError) for result in results):
             # Returned as unroutable, say: the queue was deleted under a live connection.
             # The next attempt declares it again.
             connection.declared.discard(queue)
-        return [result if isinstance(result, BaseException) else None for result in results]
+        return results
 
     async def close(self) -> None:
         self._closed = True

@@ -195,13 +195,8 @@ async def history(session: AsyncSession, user_id: int, limit: int) -> Sequence[O
     return (await session.scalars(statement)).all()
 
 
-async def record_answer(
-    session: AsyncSession, event_id: UUID, status: AnswerStatus, reason: str | None
-) -> None:
-    await session.execute(RECORD_ANSWER, answer_parameters(event_id, status, reason))
-
-
 def answer_parameters(event_id: UUID, status: AnswerStatus, reason: str | None) -> dict[str, Any]:
+    """The values of `RECORD_ANSWER`'s parameters."""
     return {"event_id": event_id, "new_status": status.value, "new_reason": reason}
 
 

@@ -81,14 +81,15 @@ class ReplyApplier:
         return await self._groups.submit(IncomingReply(reply, correlation_id))
 
     async def _apply_group(self, group: list[IncomingReply]) -> list[Outcome]:
-        outcomes: list[Outcome | None] = [None] * len(group)
+        """The outcomes in the group's order; the replies applied in their users' id order."""
+        outcomes: dict[int, Outcome] = {}
         in_lock_order = sorted(range(len(group)), key=lambda n: group[n].reply.target_user_id)
         async with self._sessionmaker() as session, session.begin():
             for n in in_lock_order:
                 outcomes[n] = await reply_service.apply(
                     session, self._settings, group[n].reply, correlation_id=group[n].correlation_id
                 )
-        return [outcome for outcome in outcomes if outcome is not None]
+        return [outcomes[n] for n in range(len(group))]
 
 
 async def handle_reply(

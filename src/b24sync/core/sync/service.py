@@ -201,10 +201,7 @@ class ReplyService:
         answer: Answer | None = None,
     ) -> Outcome:
         if reply.applied_version is not None and reply.applied_version > user.version:
-            if answer is not None:
-                await outbox_repository.record_answer(
-                    session, answer.event_id, answer.status, answer.reason
-                )
+            await self._update(session, settings, user, {}, answer)  # the answer alone
             if user.sync_force:
                 return Outcome.UNCHANGED  # a restatement is already on its way
             await resync_service.resync(session, settings, [user.id], force=True)
