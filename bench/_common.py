@@ -44,6 +44,9 @@ def add_core_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--create-groups", type=int, default=2, help="Core's CREATE_GROUPS_IN_FLIGHT"
     )
+    parser.add_argument(
+        "--change-groups", type=int, default=2, help="Core's CHANGE_GROUPS_IN_FLIGHT"
+    )
     parser.add_argument("--log-level", default="INFO", help="Core's LOG_LEVEL")
 
 
@@ -53,6 +56,7 @@ def core_environment(args: argparse.Namespace) -> dict[str, str]:
         "CORE_WORKERS": str(args.workers),
         "OUTBOX_RELAY_PROCESS": str(args.relay_process).lower(),
         "CREATE_GROUPS_IN_FLIGHT": str(args.create_groups),
+        "CHANGE_GROUPS_IN_FLIGHT": str(args.change_groups),
         "LOG_LEVEL": args.log_level,
     }
 
@@ -63,6 +67,7 @@ def core_description(args: argparse.Namespace) -> dict[str, Any]:
         "core_workers": args.workers,
         "outbox_relay_process": args.relay_process,
         "create_groups_in_flight": args.create_groups,
+        "change_groups_in_flight": args.change_groups,
         "core_log_level": args.log_level,
     }
 

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     # Grouped create statements running at once; creates that arrive meanwhile wait and are
     # written together by the next one (see core/users/repository.py).
     create_groups_in_flight: int = 2
+    # The same for updates and moves: one transaction for the changes that arrive meanwhile
+    # (see `grouped_changes` in core/users/service.py).
+    change_groups_in_flight: int = 2
     db_pool_size: int = 20
     db_max_overflow: int = 10
     # Replies Core handles at once, applied in groups of up to this many to a transaction (two

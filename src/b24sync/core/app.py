@@ -13,12 +13,18 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from faststream.rabbit import RabbitBroker
+from sqlalchemy.exc import DBAPIError
 
 from b24sync.apidocs import add_swagger_ui
 from b24sync.core.backoff import Backoff
 from b24sync.core.dashboard.endpoints import page_router as dashboard_page_router
 from b24sync.core.dashboard.endpoints import router as dashboard_router
-from b24sync.core.db import DATABASE_UNAVAILABLE_ERRORS, create_engine, create_sessionmaker
+from b24sync.core.db import (
+    DATABASE_UNAVAILABLE_ERRORS,
+    create_engine,
+    create_sessionmaker,
+    database_unavailable,
+)
 from b24sync.core.dependencies import require_token
 from b24sync.core.exceptions import (
     CoreError,
@@ -41,6 +47,7 @@ from b24sync.core.sync.endpoints import metrics_router as sync_metrics_router
 from b24sync.core.sync.endpoints import router as sync_router
 from b24sync.core.users.endpoints import router as users_router
 from b24sync.core.users.repository import GROUPED_CREATES, grouped_creates
+from b24sync.core.users.service import GROUPED_CHANGES, grouped_changes
 from b24sync.core.users.write_path import UserWritePath
 from b24sync.logs import get_logger
 from b24sync.messaging import describe_url
@@ -93,7 +100,10 @@ def create_app(settings: Settings) -> FastAPI:
             await engine.dispose()
             raise
         creates = grouped_creates(engine, settings.create_groups_in_flight)
-        sessionmaker = create_sessionmaker(engine, info={GROUPED_CREATES: creates})
+        changes = grouped_changes(create_sessionmaker(engine), settings)
+        sessionmaker = create_sessionmaker(
+            engine, info={GROUPED_CREATES: creates, GROUPED_CHANGES: changes}
+        )
         # Only the reply consumer's: its per-message access log at INFO would be noise. No
         # dependency injection: it handed every delivery to a worker thread and back (the
         # message's context field is a synchronous call), a tenth of Core's CPU on replies.
@@ -163,11 +173,13 @@ def create_app(settings: Settings) -> FastAPI:
         errors = [sendable_error(error) for error in jsonable_encoder(exc.errors())]
         return JSONResponse({"detail": errors}, status_code=422)
 
-    async def database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+    async def database_error(_: Request, exc: Exception) -> JSONResponse:
+        if not database_unavailable(exc):
+            raise exc  # a bug: the server's 500, with its traceback in the log
         return database_unavailable_response(exc)
 
-    for error in DATABASE_UNAVAILABLE_ERRORS:
-        app.add_exception_handler(error, database_unavailable)
+    for error in (*DATABASE_UNAVAILABLE_ERRORS, DBAPIError):
+        app.add_exception_handler(error, database_error)
 
     return app
 

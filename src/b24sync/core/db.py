@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 from fastapi import Request
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -37,6 +37,15 @@ DATABASE_UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
     OSError,
     *DRIVER_CONNECTION_ERRORS,
 )
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """The database cannot be reached now, as opposed to refusing a statement: worth trying
+    again later. A connection lost in the middle of a statement comes as a plain `DBAPIError`
+    whose connection SQLAlchemy found closed and invalidated."""
+    return isinstance(exc, DATABASE_UNAVAILABLE_ERRORS) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
 
 
 def async_url(url: str) -> str:

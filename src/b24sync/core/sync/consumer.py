@@ -24,11 +24,12 @@ from faststream.message import StreamMessage
 from faststream.middlewares import AckPolicy
 from faststream.rabbit import Channel, RabbitBroker
 from faststream.rabbit.message import RabbitMessage
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from b24sync.batching import Coalescer
 from b24sync.contracts import MalformedMessageError, ReplyData, parse_reply
+from b24sync.core.db import database_unavailable
 from b24sync.core.sync.service import Outcome, reply_service
 from b24sync.logs import get_logger, shorten
 from b24sync.messaging import durable_queue
@@ -40,8 +41,6 @@ RETRY_PAUSE_S = 1.0
 # Groups of replies being applied at once: one fills while the other commits.
 GROUPS_IN_FLIGHT = 2
 _LOGGED_BODY_CHARS = 2000
-# The database is unreachable (as opposed to refusing this one reply).
-_TRANSIENT = (OperationalError, InterfaceError, OSError, TimeoutError)
 # SQLSTATEs of a transaction PostgreSQL rolled back for a conflict with another (serialization
 # failure, deadlock): the same reply applies once tried again.
 _CONFLICT_STATES = frozenset({"40001", "40P01"})
@@ -51,9 +50,14 @@ def _is_conflict(exc: DBAPIError) -> bool:
     return getattr(exc.orig, "sqlstate", None) in _CONFLICT_STATES
 
 
+def _transient(exc: BaseException) -> bool:
+    """The database is unreachable or slow (as opposed to refusing this one reply)."""
+    return database_unavailable(exc) or isinstance(exc, TimeoutError)
+
+
 def _one_reply_to_blame(exc: BaseException) -> bool:
     """An error one reply of a group could cause, as opposed to the database being gone."""
-    return not isinstance(exc, _TRANSIENT)
+    return not _transient(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,10 +111,12 @@ async def handle_reply(
     user_id = reply.target_user_id
     try:
         outcome = await applier.apply(reply, correlation_id)
-    except _TRANSIENT as exc:
-        log.warning("[Core] Reply not applied, database unavailable; will retry", error=exc)
-        return False
-    except DBAPIError as exc:
+    except Exception as exc:
+        if _transient(exc):
+            log.warning("[Core] Reply not applied, database unavailable; will retry", error=exc)
+            return False
+        if not isinstance(exc, DBAPIError):
+            raise
         if _is_conflict(exc):
             log.info("[Core] Reply met a concurrent change; will retry", user_id=user_id)
             return False

@@ -38,6 +38,7 @@ from sqlalchemy.sql.expression import ColumnElement
 from sqlalchemy.sql.selectable import Select
 
 from b24sync.batching import Coalescer
+from b24sync.contracts import UserField
 from b24sync.core.db import DRIVER_CONNECTION_ERRORS
 from b24sync.core.models import AnswerStatus, OutboxEvent, SyncStatus, User
 from b24sync.core.outbox.repository import (
@@ -146,7 +147,6 @@ def grouped_creates(engine: AsyncEngine, in_flight: int) -> Coalescer[NewUser, A
 # the reply path. Updates are on the table, not the entity: the ORM's bulk-update machinery
 # cost more CPU than the statement.
 _SELECT_USER = select(User).where(User.id == bindparam("user_id"))
-_SELECT_USER_FOR_UPDATE = _SELECT_USER.with_for_update()
 # The user locked, with the event a reply names when it is that user's.
 _SELECT_USER_WITH_EVENT = (
     select(User, *ANSWERED_EVENT_COLUMNS)
@@ -162,35 +162,46 @@ _SELECT_USER_WITH_EVENT = (
 )
 
 
-@functools.cache
-def _update_fields_statement(fields: frozenset[str]) -> Update:
-    """The UPDATE of `update_fields` for one set of fields, their values bound as
-    `new_<field>`: it changes the row only when one of them differs, and bumps the version of
-    those that do."""
-    # On the table's columns, not the entity's: the ORM's bulk-update machinery cost more CPU
-    # than the statement, and the row returned is made into a `User` by the caller.
-    columns = _USERS.c
-    differs = {
-        field: columns[field].is_distinct_from(bindparam(f"new_{field}")) for field in fields
-    }
-    return (
-        update(_USERS)
-        .where(columns.id == bindparam("user_id"), or_(*differs.values()))
-        .values(
-            **{field: bindparam(f"new_{field}") for field in fields},
-            **{
-                f"{field}_version": case(
-                    (differ, columns.version + 1), else_=columns[f"{field}_version"]
-                )
-                for field, differ in differs.items()
-            },
-            version=columns.version + 1,
-            sync_status=SyncStatus.PENDING.value,
-            updated_at=func.now(),
-            **FRESH_SYNC_STATE,
-        )
-        .returning(*_USERS.columns)
+# The fields an update or a move can change.
+CHANGEABLE = tuple(field.value for field in UserField)
+# Changes of several users in one statement, at most one per user (an UPDATE writes a row
+# once): ids with the new value of each field, NULL for a field left as it is. A user changes
+# only when a value differs from its own; each field that differs gets the new version.
+_CHANGES = select(
+    func.unnest(bindparam("ids", type_=ARRAY(BigInteger))).label("id"),
+    *(
+        func.unnest(bindparam(f"new_{field}", type_=ARRAY(Text))).label(field)
+        for field in CHANGEABLE
+    ),
+).subquery("change")
+_DIFFERS = {field: _CHANGES.c[field] != _USERS.c[field] for field in CHANGEABLE}
+_CHANGE_FIELDS = (
+    update(_USERS)
+    .where(_USERS.c.id == _CHANGES.c.id, or_(*_DIFFERS.values()))
+    .values(
+        **{field: func.coalesce(_CHANGES.c[field], _USERS.c[field]) for field in CHANGEABLE},
+        **{
+            f"{field}_version": case(
+                (differs, _USERS.c.version + 1), else_=_USERS.c[f"{field}_version"]
+            )
+            for field, differs in _DIFFERS.items()
+        },
+        version=_USERS.c.version + 1,
+        sync_status=SyncStatus.PENDING.value,
+        updated_at=func.now(),
+        **FRESH_SYNC_STATE,
     )
+    .returning(*_USERS.columns)
+)
+# Users about to change, locked in id order (two groups of changes, or a group of changes
+# and a group of replies, locking overlapping users wait for each other instead of
+# deadlocking), with what a change in hold mode depends on.
+_LOCK_FOR_CHANGE = (
+    select(_USERS.c.id, _USERS.c.bitrix_lead_id, _USERS.c.sync_status)
+    .where(_USERS.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))))
+    .order_by(_USERS.c.id)
+    .with_for_update()
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,25 +329,48 @@ class UserRepository:
         rows = await _insert_with_events(await self.session.connection(), list(users))
         return [_user(row) for row in rows]
 
-    async def get(self, user_id: int, *, for_update: bool = False) -> User | None:
-        # Locking serialises a user's changes, so its events reach the outbox in commit order.
-        statement = _SELECT_USER_FOR_UPDATE if for_update else _SELECT_USER
+    async def get(self, user_id: int) -> User | None:
         result = await self.session.scalars(
-            statement, {"user_id": user_id}, execution_options={"populate_existing": True}
+            _SELECT_USER, {"user_id": user_id}, execution_options={"populate_existing": True}
         )
         return result.one_or_none()
 
-    async def update_fields(self, user_id: int, values: dict[str, Any]) -> User | None:
-        """Applies a change made through the API when one of `values` differs from the user's:
-        bumps the version (and each changed field's), starts the sync state afresh, and
-        returns the user locked. A forced restatement still pending stays forced. None when
-        nothing differs or there is no such user."""
-        result = await self.session.execute(
-            _update_fields_statement(frozenset(values)),
-            {"user_id": user_id, **{f"new_{field}": value for field, value in values.items()}},
-        )
-        row = result.one_or_none()
-        return _user(row._mapping) if row is not None else None
+    async def lock_for_change(self, user_ids: Sequence[int]) -> dict[int, tuple[int | None, str]]:
+        """Locks the users among `user_ids` that exist, in id order; each one's lead id and
+        sync status."""
+        result = await self.session.execute(_LOCK_FOR_CHANGE, {"ids": list(user_ids)})
+        return {user_id: (lead_id, status) for user_id, lead_id, status in result}
+
+    async def change_fields(
+        self, changes: Sequence[tuple[int, dict[str, Any]]]
+    ) -> list[User | None]:
+        """Applies changes made through the API (a user id and new values of some of
+        `CHANGEABLE`), in the order given: each one whose values differ from the user's bumps
+        the version (and each changed field's), starts the sync state afresh and gives the
+        user as changed, locked; None for one that changes nothing or names no user. A forced
+        restatement still pending stays forced.
+
+        One statement for all, or one for each further change of a user named again."""
+        results: list[User | None] = [None] * len(changes)
+        waiting = list(range(len(changes)))
+        while waiting:
+            now: list[int] = []
+            later: list[int] = []
+            named: set[int] = set()
+            for n in waiting:
+                user_id = changes[n][0]
+                (later if user_id in named else now).append(n)
+                named.add(user_id)
+            parameters: dict[str, Any] = {"ids": [changes[n][0] for n in now]}
+            for field in CHANGEABLE:
+                parameters[f"new_{field}"] = [changes[n][1].get(field) for n in now]
+            rows = await self.session.execute(_CHANGE_FIELDS, parameters)
+            changed = {row["id"]: row for row in rows.mappings()}
+            for n in now:
+                row = changed.get(changes[n][0])
+                results[n] = _user(row) if row is not None else None
+            waiting = later
+        return results
 
     async def get_with_event(
         self, user_id: int, event_id: UUID | None

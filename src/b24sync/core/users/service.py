@@ -6,21 +6,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import phonenumbers
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from b24sync.batching import Coalescer
 from b24sync.contracts import Pattern
+from b24sync.core.db import database_unavailable
 from b24sync.core.exceptions import FieldValidationError, NotFoundError
 from b24sync.core.models import OutboxEvent, SyncStatus, User
 from b24sync.core.outbox import repository as outbox_repository
 from b24sync.core.outbox.service import NewUserState, outbox_service
-from b24sync.core.users.repository import NewUser, UserRepository
+from b24sync.core.users.repository import MAX_GROUP, NewUser, UserRepository
 from b24sync.core.users.schemas import UserCreate, UserMove, UserUpdate
 from b24sync.settings import Settings
 
 DEFAULT_STAGE = "NEW"
+# Key of the app's group of updates and moves in `Session.info` (see `grouped_changes`).
+GROUPED_CHANGES = "grouped_changes"
 
 
 class UserNotFoundError(NotFoundError):
@@ -119,35 +124,87 @@ class UserService:
         session: AsyncSession,
         settings: Settings,
         user_id: int,
-        changes: dict[str, Any],
+        values: dict[str, Any],
         pattern: Pattern,
     ) -> User:
-        if not changes:
+        if not values:
             return await self.get(session, user_id)
+        change = UserChange(user_id, values, pattern)
+        group: Coalescer[UserChange, User | None] | None = session.info.get(GROUPED_CHANGES)
+        if group is not None:
+            user = await group.submit(change)
+        else:
+            (user,) = await self.apply_changes(session, settings, [change])
+        # None: nothing changed (no new version, nothing for Bitrix24 to do), or no such user.
+        return user if user is not None else await self.get(session, user_id)
+
+    async def apply_changes(
+        self, session: AsyncSession, settings: Settings, changes: Sequence[UserChange]
+    ) -> Sequence[User | None]:
+        """Applies updates and moves in the order given, each with its event, in the session's
+        transaction; each change's user as changed, or None when it changed nothing."""
         repository = UserRepository(session)
-        before: User | None = None
-        create_failed = False
-        if settings.hold_until_lead_id:
-            # A Bitrix service that needs the lead id for an update or a move (hold mode)
-            # cannot use them while the user's create has failed: the change goes as a create
-            # instead, carrying every field, in place of the changes held back. The user is
-            # locked first, so that the state this depends on holds until the commit.
-            before = await repository.get(user_id, for_update=True)
-            if before is None:
-                raise UserNotFoundError(user_id)
-            create_failed = (
-                before.bitrix_lead_id is None and before.sync_status == SyncStatus.FAILED.value
-            )
-        # The update locks the user: its changes, and so its events, follow commit order.
-        user = await repository.update_fields(user_id, changes)
-        if user is None:
-            # Nothing changed (no new version, nothing for Bitrix24 to do), or no such user.
-            return before if before is not None else await self.get(session, user_id)
-        if create_failed:
-            pattern = Pattern.USER_CREATED
-            await outbox_service.supersede_held(session, [user_id])
-        await outbox_service.record(session, [(user, pattern)], settings.rabbitmq_reply_queue)
-        return user
+        user_ids = {change.user_id for change in changes}
+        failed_creates: set[int] = set()
+        # The changes lock their users, so a user's events follow commit order; several users
+        # are locked first, in id order. A Bitrix service that needs the lead id for an update
+        # or a move (hold mode) cannot use them while the user's create has failed: the change
+        # goes as a create instead, carrying every field, in place of the changes held back.
+        if settings.hold_until_lead_id or len(user_ids) > 1:
+            locked = await repository.lock_for_change(sorted(user_ids))
+            if settings.hold_until_lead_id:
+                failed_creates = {
+                    user_id
+                    for user_id, (lead_id, status) in locked.items()
+                    if lead_id is None and status == SyncStatus.FAILED.value
+                }
+        users = await repository.change_fields([(c.user_id, c.values) for c in changes])
+        events: list[tuple[User, Pattern]] = []
+        for change, user in zip(changes, users, strict=True):
+            if user is None:
+                continue
+            if user.id in failed_creates:
+                failed_creates.discard(user.id)  # the user's later changes follow the create
+                await outbox_service.supersede_held(session, [user.id])
+                events.append((user, Pattern.USER_CREATED))
+            else:
+                events.append((user, change.pattern))
+        await outbox_service.record(session, events, settings.rabbitmq_reply_queue)
+        return users
+
+
+@dataclass(frozen=True, slots=True)
+class UserChange:
+    """An update or a move: new values of some of the user's fields."""
+
+    user_id: int
+    values: dict[str, Any]
+    pattern: Pattern
+
+
+def _database_reachable(exc: BaseException) -> bool:
+    """An error one change of a group could cause, as opposed to the database being gone."""
+    return not database_unavailable(exc)
+
+
+def grouped_changes(
+    sessionmaker: async_sessionmaker[AsyncSession], settings: Settings
+) -> Coalescer[UserChange, User | None]:
+    """Updates and moves from concurrent requests, applied together: one transaction and one
+    statement of each kind for the group instead of five round trips each. Each caller still
+    answers only after its own change is committed; a change the database refuses is tried
+    again alone, so it fails only its own request."""
+
+    async def apply(changes: list[UserChange]) -> list[User | None]:
+        async with sessionmaker() as session, session.begin():
+            return list(await user_service.apply_changes(session, settings, changes))
+
+    return Coalescer(
+        apply,
+        max_in_flight=settings.change_groups_in_flight,
+        max_items=MAX_GROUP,
+        retry_alone=_database_reachable,
+    )
 
 
 user_service = UserService()

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from b24sync.core.db import DATABASE_UNAVAILABLE_ERRORS, committing
+from b24sync.core.db import committing, database_unavailable
 from b24sync.core.exceptions import CoreError, database_unavailable_response, error_response
 from b24sync.core.middleware import MAX_BODY_BYTES, read_body, replaying, send_body
 from b24sync.core.models import User
@@ -99,7 +99,9 @@ class UserWritePath:
         except CoreError as exc:
             await error_response(exc)(scope, receive, send)
             return
-        except DATABASE_UNAVAILABLE_ERRORS as exc:
+        except Exception as exc:
+            if not database_unavailable(exc):
+                raise
             await database_unavailable_response(exc)(scope, receive, send)
             return
         await send_body(send, write.status, UserRead.from_user(user).model_dump_json().encode())

@@ -1,0 +1,274 @@
+"""Concurrent updates and moves applied together, on the real PostgreSQL: one transaction per
+group, yet each change gets its own new version and event, a user named twice in a group
+changes twice in order, and a change that fails fails only its own caller."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+from uuid import UUID
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from b24sync.contracts import Pattern
+from b24sync.core.db import create_sessionmaker
+from b24sync.core.models import SyncStatus, User
+from b24sync.core.outbox.service import EventDraft, outbox_service
+from b24sync.core.users.schemas import UserMove, UserUpdate
+from b24sync.core.users.service import (
+    GROUPED_CHANGES,
+    UserNotFoundError,
+    grouped_changes,
+    user_service,
+)
+from b24sync.settings import Settings
+from tests.core.helpers import Sessions, create_user, event_ids, running_core
+from tests.core.rabbit import TcpProxy
+
+
+def grouped_sessions(engine: AsyncEngine, settings: Settings, in_flight: int) -> Sessions:
+    """Sessions as the app makes them: updates and moves go through one shared group."""
+    settings = settings.model_copy(update={"change_groups_in_flight": in_flight})
+    group = grouped_changes(create_sessionmaker(engine), settings)
+    return create_sessionmaker(engine, info={GROUPED_CHANGES: group})
+
+
+async def update(sessions: Sessions, settings: Settings, user_id: int, **fields: Any) -> User:
+    async with sessions() as session, session.begin():
+        return await user_service.update(session, settings, user_id, UserUpdate(**fields))
+
+
+async def move(sessions: Sessions, settings: Settings, user_id: int, stage: str) -> User:
+    async with sessions() as session, session.begin():
+        return await user_service.move(session, settings, user_id, UserMove(stage=stage))
+
+
+async def user_events(sessions: Sessions, user_id: int) -> list[Any]:
+    async with sessions() as session:
+        rows = await session.execute(
+            text(
+                "SELECT pattern, version, body FROM outbox_events WHERE user_id = :id"
+                " AND version > 1 ORDER BY seq"
+            ),
+            {"id": user_id},
+        )
+        return list(rows)
+
+
+async def test_concurrent_changes_are_applied_together_each_with_its_own_event(
+    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+) -> None:
+    users = [await create_user(committed, core_settings, f"User {n}") for n in range(30)]
+    sessions = grouped_sessions(engine, core_settings, in_flight=1)
+
+    changed = await asyncio.gather(
+        *(
+            update(sessions, core_settings, user.id, full_name=f"Renamed {n}")
+            if n % 2
+            else move(sessions, core_settings, user.id, "IN_PROCESS")
+            for n, user in enumerate(users)
+        )
+    )
+
+    assert [user.version for user in changed] == [2] * len(users)
+    async with committed() as session:
+        # now() is the transaction's start: users changed by one transaction share it.
+        transactions = (
+            await session.execute(
+                text("SELECT count(DISTINCT updated_at) FROM users WHERE version = 2")
+            )
+        ).scalar_one()
+    assert transactions < len(users) / 4
+    for n, user in enumerate(users):
+        [(pattern, version, body)] = await user_events(committed, user.id)
+        assert version == 2
+        if n % 2:
+            assert pattern == Pattern.USER_UPDATED.value
+            assert body["data"]["user"]["full_name"] == f"Renamed {n}"
+            assert body["data"]["user"]["stage"] == "NEW"
+        else:
+            assert pattern == Pattern.USER_MOVED.value
+            assert body["data"]["user"]["stage"] == "IN_PROCESS"
+            assert body["data"]["user"]["full_name"] == f"User {n}"
+
+
+async def test_a_user_changed_several_times_in_one_group_changes_in_order(
+    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+) -> None:
+    user = await create_user(committed, core_settings, "Often")
+    other = await create_user(committed, core_settings, "Other")
+    sessions = grouped_sessions(engine, core_settings, in_flight=1)
+
+    # The first goes alone; the rest wait for it and go together.
+    results = await asyncio.gather(
+        update(sessions, core_settings, other.id, full_name="Other renamed"),
+        update(sessions, core_settings, user.id, full_name="Often 1"),
+        update(sessions, core_settings, user.id, phone="+77009998877"),
+        move(sessions, core_settings, user.id, "CONVERTED"),
+        update(sessions, core_settings, user.id, full_name="Often 1"),  # changes nothing
+        update(sessions, core_settings, user.id, full_name="Often 2"),
+    )
+
+    # The change that changes nothing answers with the user as it is once the group is in.
+    assert [results[n].version for n in (1, 2, 3, 5)] == [2, 3, 4, 5]
+    events = await user_events(committed, user.id)
+    assert [(pattern, version) for pattern, version, _ in events] == [
+        (Pattern.USER_UPDATED.value, 2),
+        (Pattern.USER_UPDATED.value, 3),
+        (Pattern.USER_MOVED.value, 4),
+        (Pattern.USER_UPDATED.value, 5),
+    ]
+    last = events[-1].body["data"]["user"]
+    assert (last["full_name"], last["phone"], last["stage"]) == (
+        "Often 2",
+        "+77009998877",
+        "CONVERTED",
+    )
+    # Nothing was confirmed yet: every event carries every field.
+    assert events[-1].body["data"]["changed"] == ["full_name", "phone", "stage"]
+    async with committed() as session:
+        versions = (
+            await session.execute(
+                text(
+                    "SELECT version, full_name_version, phone_version, stage_version"
+                    " FROM users WHERE id = :id"
+                ),
+                {"id": user.id},
+            )
+        ).one()
+    assert tuple(versions) == (5, 5, 3, 4)
+
+
+async def test_an_unknown_user_fails_only_its_own_change(
+    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+) -> None:
+    users = [await create_user(committed, core_settings, f"User {n}") for n in range(4)]
+    sessions = grouped_sessions(engine, core_settings, in_flight=1)
+    missing = users[-1].id + 1000
+
+    results = await asyncio.gather(
+        *(move(sessions, core_settings, user.id, "IN_PROCESS") for user in users[:2]),
+        move(sessions, core_settings, missing, "IN_PROCESS"),
+        *(move(sessions, core_settings, user.id, "IN_PROCESS") for user in users[2:]),
+        return_exceptions=True,
+    )
+
+    assert isinstance(results[2], UserNotFoundError)
+    assert [r.stage for r in results if isinstance(r, User)] == ["IN_PROCESS"] * 4
+    for user in users:
+        assert len(await user_events(committed, user.id)) == 1
+
+
+async def test_a_change_the_database_refuses_fails_only_its_own_request(
+    core_settings: Settings,
+    engine: AsyncEngine,
+    committed: Sessions,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    users = [await create_user(committed, core_settings, f"User {n}") for n in range(5)]
+    [taken, *_] = await event_ids(committed)
+    draft = outbox_service.draft
+
+    def clashing_for_bad(
+        user: User, pattern: Pattern, reply_queue: str, *, force: bool = False
+    ) -> EventDraft:
+        event = draft(user, pattern, reply_queue, force=force)
+        return dataclasses.replace(event, id=UUID(taken)) if user.full_name == "Bad" else event
+
+    monkeypatch.setattr(outbox_service, "draft", clashing_for_bad)
+    sessions = grouped_sessions(engine, core_settings, in_flight=1)
+    names = ["First", "Second", "Bad", "Third", "Fourth"]
+    results = await asyncio.gather(
+        *(
+            update(sessions, core_settings, user.id, full_name=name)
+            for user, name in zip(users, names, strict=True)
+        ),
+        return_exceptions=True,
+    )
+
+    assert isinstance(results[2], IntegrityError)
+    assert [r.full_name for r in results if isinstance(r, User)] == [
+        "First",
+        "Second",
+        "Third",
+        "Fourth",
+    ]
+    async with committed() as session:
+        names_now = (
+            await session.execute(text("SELECT full_name FROM users ORDER BY id"))
+        ).scalars()
+    assert list(names_now) == ["First", "Second", "User 2", "Third", "Fourth"]
+    assert len(await user_events(committed, users[2].id)) == 0
+
+
+async def test_in_hold_mode_a_change_after_a_failed_create_goes_as_a_create(
+    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+) -> None:
+    settings = core_settings.model_copy(update={"hold_until_lead_id": True})
+    failed = await create_user(committed, settings, "Failed")
+    fine = await create_user(committed, settings, "Fine")
+    async with committed() as session, session.begin():
+        await session.execute(
+            text("UPDATE users SET sync_status = :failed WHERE id = :id"),
+            {"failed": SyncStatus.FAILED.value, "id": failed.id},
+        )
+    sessions = grouped_sessions(engine, settings, in_flight=1)
+
+    await asyncio.gather(
+        move(sessions, settings, fine.id, "IN_PROCESS"),  # alone, first
+        move(sessions, settings, fine.id, "CONVERTED"),
+        update(sessions, settings, failed.id, full_name="Failed again"),
+        move(sessions, settings, failed.id, "CONVERTED"),
+    )
+
+    failed_events = await user_events(committed, failed.id)
+    assert [(pattern, version) for pattern, version, _ in failed_events] == [
+        (Pattern.USER_CREATED.value, 2),
+        (Pattern.USER_MOVED.value, 3),
+    ]
+    assert failed_events[0].body["data"]["changed"] == ["full_name", "phone", "stage"]
+    assert [pattern for pattern, _, _ in await user_events(committed, fine.id)] == [
+        Pattern.USER_MOVED.value,
+        Pattern.USER_MOVED.value,
+    ]
+
+
+async def test_changes_answer_503_while_the_database_is_unreachable_then_recover(
+    core_settings: Settings, committed: Sessions
+) -> None:
+    user = await create_user(committed, core_settings, "Mover")
+    proxy = TcpProxy(target_port=make_url(core_settings.database_url).port or 5432)
+    await proxy.start()
+    url = make_url(core_settings.database_url).set(host="127.0.0.1", port=proxy.port)
+    settings = core_settings.model_copy(
+        update={"database_url": url.render_as_string(hide_password=False)}
+    )
+
+    async def post(stage: str) -> httpx.Response:
+        return await http.post(f"/users/{user.id}/move", json={"stage": stage})
+
+    async with running_core(settings) as http:
+        assert (await post("IN_PROCESS")).status_code == 200
+        await proxy.stop()
+        during = await asyncio.gather(*(post("CONVERTED") for _ in range(5)))
+        assert [response.status_code for response in during] == [503] * 5
+
+        await proxy.start()
+        for _ in range(50):  # pooled connections the outage cut are found dead one by one
+            after = await post("CONVERTED")
+            if after.status_code == 200:
+                break
+            assert after.status_code == 503
+        assert after.json()["stage"] == "CONVERTED"
+    await proxy.stop()
+
+    assert [pattern for pattern, _, _ in await user_events(committed, user.id)] == [
+        Pattern.USER_MOVED.value,
+        Pattern.USER_MOVED.value,
+    ]
