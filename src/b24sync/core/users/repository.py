@@ -174,10 +174,21 @@ _CHANGES = select(
         for field in CHANGEABLE
     ),
 ).subquery("change")
+# The users named, locked first and in id order, whatever plan runs the UPDATE: two groups of
+# changes, or a group of changes and a group of replies, naming the same users wait for each
+# other instead of deadlocking. Locking reads each user as the last commit left it: its sync
+# status then is what a change in hold mode depends on.
+_LOCKED = (
+    select(_USERS.c.id, _USERS.c.sync_status)
+    .where(_USERS.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))))
+    .order_by(_USERS.c.id)
+    .with_for_update()
+    .subquery("locked")
+)
 _DIFFERS = {field: _CHANGES.c[field] != _USERS.c[field] for field in CHANGEABLE}
 _CHANGE_FIELDS = (
     update(_USERS)
-    .where(_USERS.c.id == _CHANGES.c.id, or_(*_DIFFERS.values()))
+    .where(_USERS.c.id == _LOCKED.c.id, _USERS.c.id == _CHANGES.c.id, or_(*_DIFFERS.values()))
     .values(
         **{field: func.coalesce(_CHANGES.c[field], _USERS.c[field]) for field in CHANGEABLE},
         **{
@@ -191,17 +202,15 @@ _CHANGE_FIELDS = (
         updated_at=func.now(),
         **FRESH_SYNC_STATE,
     )
-    .returning(*_USERS.columns)
+    .returning(*_USERS.columns, _LOCKED.c.sync_status.label("sync_status_before"))
 )
-# Users about to change, locked in id order (two groups of changes, or a group of changes
-# and a group of replies, locking overlapping users wait for each other instead of
-# deadlocking), with what a change in hold mode depends on.
-_LOCK_FOR_CHANGE = (
-    select(_USERS.c.id, _USERS.c.bitrix_lead_id, _USERS.c.sync_status)
-    .where(_USERS.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))))
-    .order_by(_USERS.c.id)
-    .with_for_update()
-)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangedUser:
+    user: User
+    # The user's sync status when the change began.
+    sync_status_before: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,15 +344,9 @@ class UserRepository:
         )
         return result.one_or_none()
 
-    async def lock_for_change(self, user_ids: Sequence[int]) -> dict[int, tuple[int | None, str]]:
-        """Locks the users among `user_ids` that exist, in id order; each one's lead id and
-        sync status."""
-        result = await self.session.execute(_LOCK_FOR_CHANGE, {"ids": list(user_ids)})
-        return {user_id: (lead_id, status) for user_id, lead_id, status in result}
-
     async def change_fields(
         self, changes: Sequence[tuple[int, dict[str, Any]]]
-    ) -> list[User | None]:
+    ) -> list[ChangedUser | None]:
         """Applies changes made through the API (a user id and new values of some of
         `CHANGEABLE`), in the order given: each one whose values differ from the user's bumps
         the version (and each changed field's), starts the sync state afresh and gives the
@@ -351,7 +354,7 @@ class UserRepository:
         restatement still pending stays forced.
 
         One statement for all, or one for each further change of a user named again."""
-        results: list[User | None] = [None] * len(changes)
+        results: list[ChangedUser | None] = [None] * len(changes)
         waiting = list(range(len(changes)))
         while waiting:
             now: list[int] = []
@@ -368,7 +371,8 @@ class UserRepository:
             changed = {row["id"]: row for row in rows.mappings()}
             for n in now:
                 row = changed.get(changes[n][0])
-                results[n] = _user(row) if row is not None else None
+                if row is not None:
+                    results[n] = ChangedUser(_user(row), row["sync_status_before"])
             waiting = later
         return results
 

@@ -142,33 +142,29 @@ class UserService:
         self, session: AsyncSession, settings: Settings, changes: Sequence[UserChange]
     ) -> Sequence[User | None]:
         """Applies updates and moves in the order given, each with its event, in the session's
-        transaction; each change's user as changed, or None when it changed nothing."""
-        repository = UserRepository(session)
-        user_ids = {change.user_id for change in changes}
-        failed_creates: set[int] = set()
-        # The changes lock their users, so a user's events follow commit order; several users
-        # are locked first, in id order. A Bitrix service that needs the lead id for an update
-        # or a move (hold mode) cannot use them while the user's create has failed: the change
-        # goes as a create instead, carrying every field, in place of the changes held back.
-        if settings.hold_until_lead_id or len(user_ids) > 1:
-            locked = await repository.lock_for_change(sorted(user_ids))
-            if settings.hold_until_lead_id:
-                failed_creates = {
-                    user_id
-                    for user_id, (lead_id, status) in locked.items()
-                    if lead_id is None and status == SyncStatus.FAILED.value
-                }
-        users = await repository.change_fields([(c.user_id, c.values) for c in changes])
+        transaction; each change's user as changed, or None when it changed nothing. The
+        users stay locked until the commit, so a user's events follow commit order."""
+        changed = await UserRepository(session).change_fields(
+            [(change.user_id, change.values) for change in changes]
+        )
+        users: list[User | None] = []
         events: list[tuple[User, Pattern]] = []
-        for change, user in zip(changes, users, strict=True):
-            if user is None:
+        for change, result in zip(changes, changed, strict=True):
+            users.append(result.user if result is not None else None)
+            if result is None:
                 continue
-            if user.id in failed_creates:
-                failed_creates.discard(user.id)  # the user's later changes follow the create
-                await outbox_service.supersede_held(session, [user.id])
-                events.append((user, Pattern.USER_CREATED))
+            # A Bitrix service that needs the lead id for an update or a move (hold mode)
+            # cannot use them while the user's create has failed: the change goes as a create
+            # instead, carrying every field, in place of the changes held back.
+            if (
+                settings.hold_until_lead_id
+                and result.user.bitrix_lead_id is None
+                and result.sync_status_before == SyncStatus.FAILED.value
+            ):
+                await outbox_service.supersede_held(session, [result.user.id])
+                events.append((result.user, Pattern.USER_CREATED))
             else:
-                events.append((user, change.pattern))
+                events.append((result.user, change.pattern))
         await outbox_service.record(session, events, settings.rabbitmq_reply_queue)
         return users
 
