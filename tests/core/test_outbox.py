@@ -32,6 +32,7 @@ from b24sync.core.outbox.repository import (
     claim_batch,
     relay_transaction,
     requeue_unanswered,
+    unmark_published,
 )
 from b24sync.core.outbox.service import EventDraft, build_event, outbox_service
 from b24sync.core.sync.service import reply_service
@@ -87,6 +88,35 @@ async def test_the_batch_is_read_only_by_the_relay_that_gets_the_lock(
         assert [event.user_id for event in events] == [user.id for user in users] + [users[0].id]
         assert [event.seq for event in events] == sorted(event.seq for event in events)
         assert events[-1].body["data"]["user"]["full_name"] == "Batch 0 renamed"
+
+
+async def test_a_claimed_batch_is_published_only_when_its_transaction_commits(
+    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+) -> None:
+    for n in range(3):
+        await create_user(committed, core_settings, f"Claimed {n}")
+
+    async def published() -> list[bool]:
+        async with committed() as session:
+            rows = await session.execute(
+                text("SELECT published_at IS NOT NULL FROM outbox_events ORDER BY seq")
+            )
+            return list(rows.scalars())
+
+    claimed = []
+    with contextlib.suppress(RuntimeError):  # the broker failed the whole batch
+        async with relay_transaction(engine) as transaction:
+            claimed = await claim_batch(transaction, 10)
+            raise RuntimeError("not confirmed")
+    assert len(claimed) == 3
+    assert await published() == [False, False, False]
+
+    async with relay_transaction(engine) as transaction:
+        events = await claim_batch(transaction, 10)
+        await unmark_published(transaction, [events[2].id])  # the first two confirmed
+    assert await published() == [True, True, False]
+    async with relay_transaction(engine) as transaction:
+        assert [event.id for event in await claim_batch(transaction, 10)] == [events[2].id]
 
 
 async def test_committed_changes_reach_the_queue_in_contract_shape(

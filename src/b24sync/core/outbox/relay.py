@@ -5,10 +5,10 @@ A child process of `b24sync core` runs it (``OUTBOX_RELAY_PROCESS``, the default
 `core/outbox/process.py`), or else every HTTP worker runs one. In each batch transaction a relay
 takes a transaction-level advisory lock, so only one publishes at a time, reading pending
 events in ``seq`` order (for one user that is commit order: its changes are serialised by the
-row lock); lock and read are one statement. A batch goes out in waves with at most one event
-per user; the next wave starts only once the broker confirmed the previous one, and an event is
-marked published only after its confirm. A crash anywhere before the commit leaves the batch
-unpublished, and whichever relay runs next sends it again (same message_id): duplicates are
+row lock); lock, read and mark are one statement. A batch goes out in waves with at most one
+event per user; the next wave starts only once the broker confirmed the previous one, and the
+transaction commits its marks only then (those of events that did not go out are taken back
+first). A crash anywhere before the commit leaves the batch unpublished, and whichever relay runs next sends it again (same message_id): duplicates are
 possible, losses are not.
 
 The relay publishes through a connection of its own (`ConfirmedPublisher`): a wave leaves in
@@ -207,10 +207,10 @@ class Relay:
 
         The batch is sent in waves holding at most one event per user, each wave's publishes
         confirmed together: a user's events still leave one after another, in seq order.
-        Events confirmed before a failure are marked published, then the failure is raised.
+        Events confirmed before a failure stay marked published, then the failure is raised.
         """
         await self._connect()
-        published: list[UUID] = []
+        published: set[UUID] = set()
         failure: BaseException | None = None
         async with repository.relay_transaction(self.engine) as transaction:
             events = await repository.claim_batch(
@@ -225,13 +225,15 @@ class Relay:
                     if result is not None:
                         failure = failure or result
                     else:
-                        published.append(event.id)
+                        published.add(event.id)
                 if confirmed := len(published) - published_before:
                     # One line per wave: per message it cost the relay as much as publishing.
                     log.info("[Core] Message emitted successfully", messages=confirmed)
                 if failure is not None:
                     break
-            await repository.mark_published(transaction, published)
+            if failure is not None:
+                left = [event.id for event in events if event.id not in published]
+                await repository.unmark_published(transaction, left)
         if failure is not None:
             raise failure
         return len(published)

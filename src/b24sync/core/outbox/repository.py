@@ -203,26 +203,33 @@ def answer_parameters(event_id: UUID, status: AnswerStatus, reason: str | None) 
 # The relay's statements go straight through the asyncpg driver (its prepared-statement cache):
 # SQLAlchemy's per-statement work cost the relay more CPU than the statements themselves.
 
-# The lock and the batch in one statement. The lock is tried in a scalar subquery, which
-# PostgreSQL evaluates once, before the scan, and uses as a one-time filter: while another
-# relay holds the lock, no event is even read. The statement's snapshot predates the lock, so
-# events the previous holder has just marked published may look pending to it: FOR UPDATE
-# rechecks the latest version of each row against the WHERE clause and skips those.
+# The lock and the batch in one statement, the batch marked published in it too: the mark
+# commits only with the transaction, which the relay commits once the broker has confirmed
+# the messages (and before that, it unmarks those it could not publish). The lock is tried in
+# a scalar subquery, which PostgreSQL evaluates once, before the scan, and uses as a one-time
+# filter: while another relay holds the lock, no event is even read. The statement's snapshot
+# predates the lock, so events the previous holder has just marked published may look pending
+# to it: FOR UPDATE rechecks the latest version of each row against the WHERE clause and skips
+# those.
 # Each event goes out with its user's lead id as it is now, read in the same statement. With
 # $3 (hold mode) an update or a move of a user whose lead id is not known yet stays in the
 # outbox until the create's reply brings it; a user's later events are held with it.
 _CLAIM_BATCH = (
-    "SELECT e.id, e.seq, e.user_id, e.body::text AS body, u.bitrix_lead_id"
+    "WITH claimed AS ("
+    " SELECT e.id, e.seq, e.user_id, e.body, u.bitrix_lead_id"
     " FROM outbox_events AS e JOIN users AS u ON u.id = e.user_id"
     " WHERE e.published_at IS NULL AND e.answered_at IS NULL"
     " AND (SELECT pg_try_advisory_xact_lock($1))"
     " AND (NOT $3::boolean OR e.pattern = 'user_created' OR u.bitrix_lead_id IS NOT NULL)"
     " ORDER BY e.seq LIMIT $2 FOR UPDATE OF e SKIP LOCKED"
+    "), marked AS ("
+    " UPDATE outbox_events SET published_at = clock_timestamp()"
+    " FROM claimed WHERE outbox_events.id = claimed.id"
+    ")"
+    " SELECT id, seq, user_id, body::text AS body, bitrix_lead_id FROM claimed ORDER BY seq"
 )
 # One array parameter rather than IN (...): the same prepared statement whatever the batch size.
-_MARK_PUBLISHED = (
-    "UPDATE outbox_events SET published_at = clock_timestamp() WHERE id = ANY($1::uuid[])"
-)
+_UNMARK_PUBLISHED = "UPDATE outbox_events SET published_at = NULL WHERE id = ANY($1::uuid[])"
 
 
 # A user's latest event that went out, when it got no answer long enough after it was
@@ -265,8 +272,10 @@ async def relay_transaction(engine: AsyncEngine) -> AsyncIterator[Driver]:
 
 async def claim_batch(driver: Driver, limit: int, *, hold: bool = False) -> list[PendingEvent]:
     """Takes the relay lock and the first `limit` pending events in seq order, locked until
-    the transaction ends; none while another relay holds the lock (it publishes ours too).
-    With `hold`, updates and moves of users without a lead id stay behind."""
+    the transaction ends and marked published when it commits (`unmark_published` takes the
+    mark back from those that did not go out); none while another relay holds the lock (it
+    publishes ours too). With `hold`, updates and moves of users without a lead id stay
+    behind."""
     rows = await driver.fetch(_CLAIM_BATCH, RELAY_LOCK_KEY, limit, hold)
     return [
         PendingEvent(
@@ -295,6 +304,7 @@ async def requeue_unanswered(driver: Driver, after_s: float, limit: int) -> int:
     return int(status.rsplit(" ", 1)[-1])  # "UPDATE <count>"
 
 
-async def mark_published(driver: Driver, event_ids: Sequence[UUID]) -> None:
+async def unmark_published(driver: Driver, event_ids: Sequence[UUID]) -> None:
+    """Claimed events that did not go out stay pending."""
     if event_ids:
-        await driver.execute(_MARK_PUBLISHED, event_ids)
+        await driver.execute(_UNMARK_PUBLISHED, event_ids)
