@@ -8,8 +8,8 @@ events in ``seq`` order (for one user that is commit order: its changes are seri
 row lock); lock, read and mark are one statement. A batch goes out in waves with at most one
 event per user; the next wave starts only once the broker confirmed the previous one, and the
 transaction commits its marks only then (those of events that did not go out are taken back
-first). A crash anywhere before the commit leaves the batch unpublished, and whichever relay runs next sends it again (same message_id): duplicates are
-possible, losses are not.
+first). A crash anywhere before the commit leaves the batch unpublished, and whichever relay
+runs next sends it again (same message_id): duplicates are possible, losses are not.
 
 The relay publishes through a connection of its own (`ConfirmedPublisher`): a wave leaves in
 one socket write and its confirms are awaited together. It keeps trying while RabbitMQ or

@@ -178,7 +178,7 @@ class UserChange:
     pattern: Pattern
 
 
-def _database_reachable(exc: BaseException) -> bool:
+def _one_change_to_blame(exc: BaseException) -> bool:
     """An error one change of a group could cause, as opposed to the database being gone."""
     return not database_unavailable(exc)
 
@@ -186,10 +186,10 @@ def _database_reachable(exc: BaseException) -> bool:
 def grouped_changes(
     sessionmaker: async_sessionmaker[AsyncSession], settings: Settings
 ) -> Coalescer[UserChange, User | None]:
-    """Updates and moves from concurrent requests, applied together: one transaction and one
-    statement of each kind for the group instead of five round trips each. Each caller still
-    answers only after its own change is committed; a change the database refuses is tried
-    again alone, so it fails only its own request."""
+    """Updates and moves from concurrent requests, applied together: one transaction, one
+    `UPDATE` and one insert of events for the group instead of four round trips each. Each
+    caller still answers only after its own change is committed; a change the database
+    refuses is tried again alone, so it fails only its own request."""
 
     async def apply(changes: list[UserChange]) -> list[User | None]:
         async with sessionmaker() as session, session.begin():
@@ -199,7 +199,7 @@ def grouped_changes(
         apply,
         max_in_flight=settings.change_groups_in_flight,
         max_items=MAX_GROUP,
-        retry_alone=_database_reachable,
+        retry_alone=_one_change_to_blame,
     )
 
 
