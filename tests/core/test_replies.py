@@ -12,8 +12,9 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from b24sync.contracts import ReplyData
 from b24sync.core.sync.consumer import ReplyApplier, handle_reply
-from b24sync.core.sync.service import Outcome
+from b24sync.core.sync.service import Outcome, reply_service
 from b24sync.settings import Settings
 from tests.conftest import eventually
 from tests.core.helpers import (
@@ -501,3 +502,37 @@ async def test_replies_arriving_together_are_each_applied_once(
             5000 + user_id,
             1,
         )
+
+
+async def test_replies_of_one_user_in_one_group_each_see_what_the_one_before_taught(
+    sessions: Sessions, core_settings: Settings
+) -> None:
+    """The create's success, the update's, then a late error about the update, applied in one
+    transaction: each reply of the user is read after what the one before wrote."""
+    user_id, create_id = await sent_user(sessions, core_settings)
+    await rename_user(sessions, core_settings, user_id, "Пётр Петров")
+    await publish_all(sessions)
+    update_id = (await events_of(sessions, user_id))[1].id
+    other_id, other_event = await sent_user(sessions, core_settings)
+
+    async with sessions() as session, session.begin():
+        outcomes = await reply_service.apply_many(
+            session,
+            core_settings,
+            [
+                (ReplyData.model_validate(success(user_id, 1, lead=77)), create_id),
+                (ReplyData.model_validate(success(other_id, 1, lead=78)), other_event),
+                (ReplyData.model_validate(success(user_id, 2, lead=77)), update_id),
+                # A late error about the same update: it was answered, nothing changes.
+                (ReplyData.model_validate(error(user_id, 2)), update_id),
+            ],
+        )
+
+    assert outcomes == [Outcome.APPLIED, Outcome.APPLIED, Outcome.APPLIED, Outcome.DUPLICATE]
+    user = await read_user(sessions, user_id)
+    assert (user.sync_status, user.bitrix_lead_id, user.synced_version) == ("synced", 77, 2)
+    assert [event.answer_status for event in await events_of(sessions, user_id)] == [
+        "success",
+        "success",
+    ]
+    assert (await read_user(sessions, other_id)).bitrix_lead_id == 78

@@ -86,13 +86,14 @@ class ReplyApplier:
 
     async def _apply_group(self, group: list[IncomingReply]) -> list[Outcome]:
         """The outcomes in the group's order; the replies applied in their users' id order."""
-        outcomes: dict[int, Outcome] = {}
         in_lock_order = sorted(range(len(group)), key=lambda n: group[n].reply.target_user_id)
         async with self._sessionmaker() as session, session.begin():
-            for n in in_lock_order:
-                outcomes[n] = await reply_service.apply(
-                    session, self._settings, group[n].reply, correlation_id=group[n].correlation_id
-                )
+            applied = await reply_service.apply_many(
+                session,
+                self._settings,
+                [(group[n].reply, group[n].correlation_id) for n in in_lock_order],
+            )
+        outcomes = dict(zip(in_lock_order, applied, strict=True))
         return [outcomes[n] for n in range(len(group))]
 
 

@@ -117,9 +117,40 @@ class ReplyService:
         *,
         correlation_id: str | None = None,
     ) -> Outcome:
-        found = await UserRepository(session).get_with_event(
-            reply.target_user_id, _event_id(correlation_id)
-        )
+        (outcome,) = await self.apply_many(session, settings, [(reply, correlation_id)])
+        return outcome
+
+    async def apply_many(
+        self,
+        session: AsyncSession,
+        settings: Settings,
+        replies: Sequence[tuple[ReplyData, str | None]],
+    ) -> list[Outcome]:
+        """Applies replies (each with its correlation id) in the order given. The users they
+        name are locked and read in one statement, with the events named; a user named again
+        is read again, after what the replies before taught."""
+        repository = UserRepository(session)
+        first: dict[int, UUID | None] = {}
+        for reply, correlation_id in replies:
+            first.setdefault(reply.target_user_id, _event_id(correlation_id))
+        found = await repository.get_with_events(list(first.items()))
+        outcomes = []
+        read: set[int] = set()
+        for reply, correlation_id in replies:
+            user_id = reply.target_user_id
+            if user_id in read:
+                found = await repository.get_with_events([(user_id, _event_id(correlation_id))])
+            read.add(user_id)
+            outcomes.append(await self._apply(session, settings, reply, found.get(user_id)))
+        return outcomes
+
+    async def _apply(
+        self,
+        session: AsyncSession,
+        settings: Settings,
+        reply: ReplyData,
+        found: tuple[User, AnsweredEvent | None] | None,
+    ) -> Outcome:
         if found is None:
             return Outcome.UNKNOWN_USER
         user, event = found

@@ -147,17 +147,22 @@ def grouped_creates(engine: AsyncEngine, in_flight: int) -> Coalescer[NewUser, A
 # the reply path. Updates are on the table, not the entity: the ORM's bulk-update machinery
 # cost more CPU than the statement.
 _SELECT_USER = select(User).where(User.id == bindparam("user_id"))
-# The user locked, with the event a reply names when it is that user's.
-_SELECT_USER_WITH_EVENT = (
+# Users locked in id order, each with the event a reply names when it is that user's.
+_WANTED = (
+    func.unnest(
+        bindparam("user_ids", type_=ARRAY(BigInteger)), bindparam("event_ids", type_=ARRAY(Uuid))
+    )
+    .table_valued("user_id", "event_id")
+    .render_derived(name="wanted")
+)
+_SELECT_USERS_WITH_EVENTS = (
     select(User, *ANSWERED_EVENT_COLUMNS)
+    .join_from(User, _WANTED, User.id == _WANTED.c.user_id)
     .outerjoin(
         OutboxEvent,
-        and_(
-            OutboxEvent.id == bindparam("event_id", type_=Uuid),
-            OutboxEvent.user_id == User.id,
-        ),
+        and_(OutboxEvent.id == _WANTED.c.event_id, OutboxEvent.user_id == User.id),
     )
-    .where(User.id == bindparam("user_id"))
+    .order_by(User.id)
     .with_for_update(of=User)
 )
 
@@ -376,21 +381,25 @@ class UserRepository:
             waiting = later
         return results
 
-    async def get_with_event(
-        self, user_id: int, event_id: UUID | None
-    ) -> tuple[User, AnsweredEvent | None] | None:
-        """The user, locked, and its event `event_id` (None when that is not the user's
-        event); None when there is no such user. One round trip on the reply path."""
+    async def get_with_events(
+        self, wanted: Sequence[tuple[int, UUID | None]]
+    ) -> dict[int, tuple[User, AnsweredEvent | None]]:
+        """The users named (each once), locked in id order, each with the event named with
+        it (None when that is not the user's event); a user that does not exist is left out.
+        One round trip for a group of replies."""
         result = await self.session.execute(
-            _SELECT_USER_WITH_EVENT,
-            {"user_id": user_id, "event_id": event_id},
+            _SELECT_USERS_WITH_EVENTS,
+            {
+                "user_ids": [user_id for user_id, _ in wanted],
+                "event_ids": [event_id for _, event_id in wanted],
+            },
             execution_options={"populate_existing": True},
         )
-        row = result.one_or_none()
-        if row is None:
-            return None
-        event = answered_event(row[1:]) if row[1] is not None else None
-        return row[0], event
+        found: dict[int, tuple[User, AnsweredEvent | None]] = {}
+        for row in result:
+            event = answered_event(row[1:]) if row[1] is not None else None
+            found[row[0].id] = (row[0], event)
+        return found
 
     async def record_reply(
         self,
