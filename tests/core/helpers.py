@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 import httpx
+import pytest
 from sqlalchemy import select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from b24sync.contracts import ReplyData
+from b24sync.contracts import Pattern, ReplyData
 from b24sync.core.app import create_app
 from b24sync.core.models import User
+from b24sync.core.outbox.service import EventDraft, UserState, outbox_service
 from b24sync.core.sync.service import Outcome, reply_service
 from b24sync.core.users.schemas import UserCreate, UserMove, UserUpdate
 from b24sync.core.users.service import user_service
 from b24sync.settings import Settings
+from tests.core.rabbit import TcpProxy
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -152,3 +158,40 @@ async def running_core(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     # Let the AMQP connections' close callbacks (tasks of their own) finish before the loop
     # moves on to the next test or closes.
     await asyncio.sleep(0.1)
+
+
+async def proxied_database(settings: Settings) -> tuple[TcpProxy, Settings]:
+    """A started proxy in front of the settings' PostgreSQL, and the settings that reach the
+    database through it: stopping the proxy cuts every connection and refuses new ones."""
+    proxy = TcpProxy(target_port=make_url(settings.database_url).port or 5432)
+    await proxy.start()
+    url = make_url(settings.database_url).set(host="127.0.0.1", port=proxy.port)
+    return proxy, settings.model_copy(
+        update={"database_url": url.render_as_string(hide_password=False)}
+    )
+
+
+def clash_events_of(name: str, taken_event_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every event drafted from now on for a user named `name` takes the id of an event that
+    exists: the database refuses its insert."""
+    draft = outbox_service.draft
+
+    def clashing(
+        user: UserState, pattern: Pattern, reply_queue: str, *, force: bool = False
+    ) -> EventDraft:
+        event = draft(user, pattern, reply_queue, force=force)
+        if user.full_name != name:
+            return event
+        return dataclasses.replace(event, id=UUID(taken_event_id))
+
+    monkeypatch.setattr(outbox_service, "draft", clashing)
+
+
+async def first_answer_after_503s(send: Callable[[], Awaitable[httpx.Response]]) -> httpx.Response:
+    """Sends again while the answer is 503 (after an outage, the pool finds the connections it
+    cut dead one by one), at most 50 times; the first other answer."""
+    for _ in range(50):
+        answer = await send()
+        if answer.status_code != 503:
+            return answer
+    raise AssertionError("still 503 after 50 requests")

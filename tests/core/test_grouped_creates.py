@@ -5,23 +5,26 @@ database refuses fails only its own caller."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from uuid import UUID
 
 import asyncpg
 import httpx
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from b24sync.core.db import create_sessionmaker
 from b24sync.core.models import User
-from b24sync.core.outbox.service import EventDraft, outbox_service
 from b24sync.core.users.repository import GROUPED_CREATES, grouped_creates
 from b24sync.settings import Settings
-from tests.core.helpers import Sessions, create_user, event_ids, running_core
-from tests.core.rabbit import TcpProxy
+from tests.core.helpers import (
+    Sessions,
+    clash_events_of,
+    create_user,
+    event_ids,
+    first_answer_after_503s,
+    proxied_database,
+    running_core,
+)
 
 
 def grouped_sessions(engine: AsyncEngine, in_flight: int) -> Sessions:
@@ -81,13 +84,7 @@ async def test_a_row_the_database_refuses_fails_only_its_own_create(
 ) -> None:
     await create_user(committed, core_settings, "Existing")
     [taken] = await event_ids(committed)
-    draft = outbox_service.draft
-
-    def clashing_for_bad(user: User, pattern: object, reply_queue: str) -> EventDraft:
-        event = draft(user, pattern, reply_queue)  # type: ignore[arg-type]
-        return dataclasses.replace(event, id=UUID(taken)) if user.full_name == "Bad" else event
-
-    monkeypatch.setattr(outbox_service, "draft", clashing_for_bad)
+    clash_events_of("Bad", taken, monkeypatch)
     sessions = grouped_sessions(engine, in_flight=1)
     names = ["First", "Second", "Bad", "Third", "Fourth"]
     results = await asyncio.gather(
@@ -95,12 +92,8 @@ async def test_a_row_the_database_refuses_fails_only_its_own_create(
     )
 
     assert isinstance(results[2], asyncpg.UniqueViolationError)
-    assert [result.full_name for result in results if isinstance(result, User)] == [
-        "First",
-        "Second",
-        "Third",
-        "Fourth",
-    ]
+    good = [name for name in names if name != "Bad"]
+    assert [result.full_name for result in results if isinstance(result, User)] == good
     async with committed() as session:
         rows = (
             await session.execute(
@@ -118,12 +111,7 @@ async def test_a_row_the_database_refuses_fails_only_its_own_create(
 async def test_creates_answer_503_while_the_database_is_unreachable_then_recover(
     core_settings: Settings, committed: Sessions
 ) -> None:
-    proxy = TcpProxy(target_port=make_url(core_settings.database_url).port or 5432)
-    await proxy.start()
-    url = make_url(core_settings.database_url).set(host="127.0.0.1", port=proxy.port)
-    settings = core_settings.model_copy(
-        update={"database_url": url.render_as_string(hide_password=False)}
-    )
+    proxy, settings = await proxied_database(core_settings)
 
     async def post(name: str) -> httpx.Response:
         return await http.post("/users", json={"full_name": name, "phone": "+77001112233"})
@@ -136,12 +124,7 @@ async def test_creates_answer_503_while_the_database_is_unreachable_then_recover
         assert during[0].json() == {"detail": "Database unavailable, try again"}
 
         await proxy.start()
-        for _ in range(50):  # pooled connections the outage cut are found dead one by one
-            after = await post("After")
-            if after.status_code == 201:
-                break
-            assert after.status_code == 503
-        assert after.status_code == 201
+        assert (await first_answer_after_503s(lambda: post("After"))).status_code == 201
     await proxy.stop()
 
     async with committed() as session:
