@@ -536,3 +536,29 @@ async def test_replies_of_one_user_in_one_group_each_see_what_the_one_before_tau
         "success",
     ]
     assert (await read_user(sessions, other_id)).bitrix_lead_id == 78
+
+
+async def test_a_user_after_one_read_again_in_the_same_group_is_still_found(
+    sessions: Sessions, core_settings: Settings
+) -> None:
+    """In id order, as a group is applied: the first user's two replies, then another user's.
+    Reading the first user again must not lose what was read of the others."""
+    first_id, create_id = await sent_user(sessions, core_settings)
+    await rename_user(sessions, core_settings, first_id, "Пётр Петров")
+    await publish_all(sessions)
+    update_id = (await events_of(sessions, first_id))[1].id
+    later_id, later_event = await sent_user(sessions, core_settings)
+
+    async with sessions() as session, session.begin():
+        outcomes = await reply_service.apply_many(
+            session,
+            core_settings,
+            [
+                (ReplyData.model_validate(success(first_id, 1, lead=77)), create_id),
+                (ReplyData.model_validate(success(first_id, 2, lead=77)), update_id),
+                (ReplyData.model_validate(success(later_id, 1, lead=78)), later_event),
+            ],
+        )
+
+    assert outcomes == [Outcome.APPLIED, Outcome.APPLIED, Outcome.APPLIED]
+    assert (await read_user(sessions, later_id)).bitrix_lead_id == 78

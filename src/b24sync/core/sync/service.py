@@ -139,7 +139,8 @@ class ReplyService:
         for reply, correlation_id in replies:
             user_id = reply.target_user_id
             if user_id in read:
-                found = await repository.get_with_events([(user_id, _event_id(correlation_id))])
+                again = await repository.get_with_events([(user_id, _event_id(correlation_id))])
+                found[user_id] = again[user_id]  # locked: it still exists
             read.add(user_id)
             outcomes.append(await self._apply(session, settings, reply, found.get(user_id)))
         return outcomes
