@@ -48,6 +48,13 @@ def database_unavailable(exc: BaseException) -> bool:
     )
 
 
+def one_item_to_blame(exc: BaseException) -> bool:
+    """Whether a group of writes that failed with `exc` is worth trying again one item at a
+    time: an error one item could cause (a refused row, a conflict, a bug), as opposed to the
+    database being unreachable, which would fail every item alike."""
+    return not database_unavailable(exc)
+
+
 def async_url(url: str) -> str:
     """DATABASE_URL is given as ``postgresql://``; SQLAlchemy needs the asyncpg driver named."""
     parsed = make_url(url)

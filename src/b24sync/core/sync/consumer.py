@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from b24sync.batching import Coalescer
 from b24sync.contracts import MalformedMessageError, ReplyData, parse_reply
-from b24sync.core.db import database_unavailable
+from b24sync.core.db import database_unavailable, one_item_to_blame
 from b24sync.core.sync.service import Outcome, reply_service
 from b24sync.logs import get_logger, shorten
 from b24sync.messaging import durable_queue
@@ -50,16 +50,6 @@ def _is_conflict(exc: DBAPIError) -> bool:
     return getattr(exc.orig, "sqlstate", None) in _CONFLICT_STATES
 
 
-def _transient(exc: BaseException) -> bool:
-    """The database is unreachable or slow (as opposed to refusing this one reply)."""
-    return database_unavailable(exc) or isinstance(exc, TimeoutError)
-
-
-def _one_reply_to_blame(exc: BaseException) -> bool:
-    """An error one reply of a group could cause, as opposed to the database being gone."""
-    return not _transient(exc)
-
-
 @dataclass(frozen=True, slots=True)
 class IncomingReply:
     reply: ReplyData
@@ -78,7 +68,7 @@ class ReplyApplier:
             self._apply_group,
             max_in_flight=GROUPS_IN_FLIGHT,
             max_items=settings.reply_concurrency,
-            retry_alone=_one_reply_to_blame,
+            retry_alone=one_item_to_blame,
         )
 
     async def apply(self, reply: ReplyData, correlation_id: str | None) -> Outcome:
@@ -113,7 +103,7 @@ async def handle_reply(
     try:
         outcome = await applier.apply(reply, correlation_id)
     except Exception as exc:
-        if _transient(exc):
+        if database_unavailable(exc):
             log.warning("[Core] Reply not applied, database unavailable; will retry", error=exc)
             return False
         if not isinstance(exc, DBAPIError):

@@ -12,7 +12,6 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 from uuid import UUID
 
-import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import (
     BigInteger,
     DateTime,
@@ -39,7 +38,7 @@ from sqlalchemy.sql.selectable import Select
 
 from b24sync.batching import Coalescer
 from b24sync.contracts import UserField
-from b24sync.core.db import DRIVER_CONNECTION_ERRORS
+from b24sync.core.db import DRIVER_CONNECTION_ERRORS, one_item_to_blame
 from b24sync.core.models import AnswerStatus, OutboxEvent, SyncStatus, User
 from b24sync.core.outbox.repository import (
     ANSWERED_EVENT_COLUMNS,
@@ -124,11 +123,6 @@ async def _insert_with_events(connection: AsyncConnection, users: list[NewUser])
     return rows
 
 
-def _one_user_to_blame(exc: BaseException) -> bool:
-    """An error the database raised about the rows (not about itself): worth finding out which."""
-    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, DRIVER_CONNECTION_ERRORS)
-
-
 def grouped_creates(engine: AsyncEngine, in_flight: int) -> Coalescer[NewUser, Any]:
     """Creates from concurrent requests, written together: one statement and one commit for
     the whole group instead of one each, which is most of what a create costs Core and
@@ -139,7 +133,7 @@ def grouped_creates(engine: AsyncEngine, in_flight: int) -> Coalescer[NewUser, A
             return await _insert_with_events(connection, users)
 
     return Coalescer(
-        insert, max_in_flight=in_flight, max_items=MAX_GROUP, retry_alone=_one_user_to_blame
+        insert, max_in_flight=in_flight, max_items=MAX_GROUP, retry_alone=one_item_to_blame
     )
 
 

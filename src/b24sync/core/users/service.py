@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from b24sync.batching import Coalescer
 from b24sync.contracts import Pattern
-from b24sync.core.db import database_unavailable
+from b24sync.core.db import one_item_to_blame
 from b24sync.core.exceptions import FieldValidationError, NotFoundError
 from b24sync.core.models import OutboxEvent, SyncStatus, User
 from b24sync.core.outbox import repository as outbox_repository
@@ -178,11 +178,6 @@ class UserChange:
     pattern: Pattern
 
 
-def _one_change_to_blame(exc: BaseException) -> bool:
-    """An error one change of a group could cause, as opposed to the database being gone."""
-    return not database_unavailable(exc)
-
-
 def grouped_changes(
     sessionmaker: async_sessionmaker[AsyncSession], settings: Settings
 ) -> Coalescer[UserChange, User | None]:
@@ -199,7 +194,7 @@ def grouped_changes(
         apply,
         max_in_flight=settings.change_groups_in_flight,
         max_items=MAX_GROUP,
-        retry_alone=_one_change_to_blame,
+        retry_alone=one_item_to_blame,
     )
 
 
