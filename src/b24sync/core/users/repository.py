@@ -166,13 +166,14 @@ CHANGEABLE = tuple(field.value for field in UserField)
 # Changes of several users in one statement, at most one per user (an UPDATE writes a row
 # once): ids with the new value of each field, NULL for a field left as it is. A user changes
 # only when a value differs from its own; each field that differs gets the new version.
-_CHANGES = select(
-    func.unnest(bindparam("ids", type_=ARRAY(BigInteger))).label("id"),
-    *(
-        func.unnest(bindparam(f"new_{field}", type_=ARRAY(Text))).label(field)
-        for field in CHANGEABLE
-    ),
-).subquery("change")
+_CHANGES = (
+    func.unnest(
+        bindparam("ids", type_=ARRAY(BigInteger)),
+        *(bindparam(f"new_{field}", type_=ARRAY(Text)) for field in CHANGEABLE),
+    )
+    .table_valued("id", *CHANGEABLE)
+    .render_derived(name="change")
+)
 # The users named, locked first and in id order, whatever plan runs the UPDATE: two groups of
 # changes, or a group of changes and a group of replies, naming the same users wait for each
 # other instead of deadlocking. Locking reads each user as the last commit left it: its sync
