@@ -1,5 +1,5 @@
 """All SQL on the outbox_events table but for two statements of `UserRepository`: a new user
-and its first event are inserted together (`create`: the event needs the id that insert
+and its first event are inserted together (`create_many`: the event needs the id that insert
 assigns), and a reply's event is read and answered with its user's sync state
 (`get_with_events`, `record_reply`: few round trips on the reply path)."""
 

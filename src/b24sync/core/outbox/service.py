@@ -44,8 +44,8 @@ class UserState(Protocol):
 @dataclass(frozen=True, slots=True)
 class NewUserState:
     """A user about to be inserted: version 1, nothing confirmed, no lead. Its id is assigned
-    by the insert, which writes it into the stored event (`UserRepository.create`); until then
-    the event carries a stand-in."""
+    by the insert, which writes it into the stored event (`UserRepository.create_many`); until
+    then the event carries a stand-in."""
 
     full_name: str
     phone: str

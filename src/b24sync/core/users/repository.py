@@ -123,14 +123,14 @@ async def _insert_with_events(connection: AsyncConnection, users: list[NewUser])
     return rows
 
 
-def grouped_creates(engine: AsyncEngine, in_flight: int) -> Coalescer[NewUser, Any]:
+def grouped_creates(engine: AsyncEngine, in_flight: int) -> Coalescer[NewUser, User]:
     """Creates from concurrent requests, written together: one statement and one commit for
     the whole group instead of one each, which is most of what a create costs Core and
     PostgreSQL. Each caller still answers only after its own row is committed."""
 
-    async def insert(users: list[NewUser]) -> list[Any]:
+    async def insert(users: list[NewUser]) -> list[User]:
         async with engine.connect() as connection:
-            return await _insert_with_events(connection, users)
+            return [_user(row) for row in await _insert_with_events(connection, users)]
 
     return Coalescer(
         insert, max_in_flight=in_flight, max_items=MAX_GROUP, retry_alone=one_item_to_blame
@@ -317,24 +317,11 @@ class UserRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def create(self, user: NewUser) -> User:
-        """Inserts the user and its `user_created` event in one statement; only the user id,
-        assigned by that statement, is written into the event by the database.
-
-        With the app's create group in the session (`grouped_creates`), the statement is shared
-        with concurrent creates and commits by itself. Otherwise it runs on the session's own
-        connection, inside its transaction when one is open.
-        """
-        group: Coalescer[NewUser, Any] | None = self.session.info.get(GROUPED_CREATES)
-        if group is not None:
-            row = await group.submit(user)
-        else:
-            (row,) = await _insert_with_events(await self.session.connection(), [user])
-        return _user(row)
-
     async def create_many(self, users: Sequence[NewUser]) -> list[User]:
         """Inserts the users and their `user_created` events in one statement on the session's
-        connection, inside its transaction: a page of a bulk load."""
+        connection, inside its transaction when one is open (a single statement is atomic
+        either way); only the user ids, assigned by that statement, are written into the
+        events by the database."""
         rows = await _insert_with_events(await self.session.connection(), list(users))
         return [_user(row) for row in rows]
 

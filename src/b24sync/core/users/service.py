@@ -1,6 +1,7 @@
 """The rules of the users API. Never commits: the request's session does, so the change and
 its outbox event land in one transaction (a create is a single statement that writes both, see
-`UserRepository.create`)."""
+`UserRepository.create_many`); the app's groups of creates and of changes commit by
+themselves (`grouped_creates`, `grouped_changes`)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from b24sync.core.exceptions import FieldValidationError, NotFoundError
 from b24sync.core.models import OutboxEvent, SyncStatus, User
 from b24sync.core.outbox import repository as outbox_repository
 from b24sync.core.outbox.service import NewUserState, outbox_service
-from b24sync.core.users.repository import MAX_GROUP, NewUser, UserRepository
+from b24sync.core.users.repository import GROUPED_CREATES, MAX_GROUP, NewUser, UserRepository
 from b24sync.core.users.schemas import UserCreate, UserMove, UserUpdate
 from b24sync.settings import Settings
 
@@ -54,7 +55,15 @@ def check_stage(stage: str, settings: Settings) -> str:
 
 class UserService:
     async def create(self, session: AsyncSession, settings: Settings, data: UserCreate) -> User:
-        return await UserRepository(session).create(self.new_user(settings, data))
+        """With the app's create group in the session (`grouped_creates`), the statement is
+        shared with concurrent creates and commits by itself; otherwise it runs in the
+        session's transaction."""
+        new = self.new_user(settings, data)
+        group: Coalescer[NewUser, User] | None = session.info.get(GROUPED_CREATES)
+        if group is not None:
+            return await group.submit(new)
+        (user,) = await UserRepository(session).create_many([new])
+        return user
 
     async def create_many(self, session: AsyncSession, users: Sequence[NewUser]) -> list[User]:
         """Creates users checked by `new_user` (a page of an import) in one statement."""
