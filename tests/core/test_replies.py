@@ -504,31 +504,49 @@ async def test_replies_arriving_together_are_each_applied_once(
         )
 
 
+async def sent_and_renamed_user(sessions: Sessions, settings: Settings) -> tuple[int, str, str]:
+    """A new user, then renamed, both events gone out; its id, the create's and the update's."""
+    user_id, create_id = await sent_user(sessions, settings)
+    await rename_user(sessions, settings, user_id, "Пётр Петров")
+    await publish_all(sessions)
+    return user_id, create_id, (await events_of(sessions, user_id))[1].id
+
+
+async def apply_together(
+    sessions: Sessions, settings: Settings, replies: list[tuple[dict[str, Any], str]]
+) -> list[Outcome]:
+    """The replies (`data` objects, each with its correlation id) applied as one group."""
+    async with sessions() as session, session.begin():
+        return await reply_service.apply_many(
+            session,
+            settings,
+            [(ReplyData.model_validate(data), event_id) for data, event_id in replies],
+        )
+
+
+# The other user's reply among the first user's: before the re-reads, or after them (reading
+# a user again must not lose what was read of the others).
+@pytest.mark.parametrize("other_at", [1, 3], ids=["between", "after"])
 async def test_replies_of_one_user_in_one_group_each_see_what_the_one_before_taught(
-    sessions: Sessions, core_settings: Settings
+    sessions: Sessions, core_settings: Settings, other_at: int
 ) -> None:
     """The create's success, the update's, then a late error about the update, applied in one
     transaction: each reply of the user is read after what the one before wrote."""
-    user_id, create_id = await sent_user(sessions, core_settings)
-    await rename_user(sessions, core_settings, user_id, "Пётр Петров")
-    await publish_all(sessions)
-    update_id = (await events_of(sessions, user_id))[1].id
+    user_id, create_id, update_id = await sent_and_renamed_user(sessions, core_settings)
     other_id, other_event = await sent_user(sessions, core_settings)
+    replies = [
+        (success(user_id, 1, lead=77), create_id),
+        (success(user_id, 2, lead=77), update_id),
+        # A late error about the same update: it was answered, nothing changes.
+        (error(user_id, 2), update_id),
+    ]
+    replies.insert(other_at, (success(other_id, 1, lead=78), other_event))
 
-    async with sessions() as session, session.begin():
-        outcomes = await reply_service.apply_many(
-            session,
-            core_settings,
-            [
-                (ReplyData.model_validate(success(user_id, 1, lead=77)), create_id),
-                (ReplyData.model_validate(success(other_id, 1, lead=78)), other_event),
-                (ReplyData.model_validate(success(user_id, 2, lead=77)), update_id),
-                # A late error about the same update: it was answered, nothing changes.
-                (ReplyData.model_validate(error(user_id, 2)), update_id),
-            ],
-        )
+    outcomes = await apply_together(sessions, core_settings, replies)
 
-    assert outcomes == [Outcome.APPLIED, Outcome.APPLIED, Outcome.APPLIED, Outcome.DUPLICATE]
+    expected = [Outcome.APPLIED, Outcome.APPLIED, Outcome.DUPLICATE]
+    expected.insert(other_at, Outcome.APPLIED)
+    assert outcomes == expected
     user = await read_user(sessions, user_id)
     assert (user.sync_status, user.bitrix_lead_id, user.synced_version) == ("synced", 77, 2)
     assert [event.answer_status for event in await events_of(sessions, user_id)] == [
@@ -536,29 +554,3 @@ async def test_replies_of_one_user_in_one_group_each_see_what_the_one_before_tau
         "success",
     ]
     assert (await read_user(sessions, other_id)).bitrix_lead_id == 78
-
-
-async def test_a_user_after_one_read_again_in_the_same_group_is_still_found(
-    sessions: Sessions, core_settings: Settings
-) -> None:
-    """In id order, as a group is applied: the first user's two replies, then another user's.
-    Reading the first user again must not lose what was read of the others."""
-    first_id, create_id = await sent_user(sessions, core_settings)
-    await rename_user(sessions, core_settings, first_id, "Пётр Петров")
-    await publish_all(sessions)
-    update_id = (await events_of(sessions, first_id))[1].id
-    later_id, later_event = await sent_user(sessions, core_settings)
-
-    async with sessions() as session, session.begin():
-        outcomes = await reply_service.apply_many(
-            session,
-            core_settings,
-            [
-                (ReplyData.model_validate(success(first_id, 1, lead=77)), create_id),
-                (ReplyData.model_validate(success(first_id, 2, lead=77)), update_id),
-                (ReplyData.model_validate(success(later_id, 1, lead=78)), later_event),
-            ],
-        )
-
-    assert outcomes == [Outcome.APPLIED, Outcome.APPLIED, Outcome.APPLIED]
-    assert (await read_user(sessions, later_id)).bitrix_lead_id == 78
