@@ -194,6 +194,7 @@ class Monitor:
         self.client_commands = 0
         self.in_scripts = 0
         self.by_command: Counter[str] = Counter()
+        self.by_command_in_scripts: Counter[str] = Counter()
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[None]:
@@ -216,6 +217,7 @@ class Monitor:
             command = parts[1].upper() if len(parts) > 1 else "?"
             if "[0 lua]" in line:
                 self.in_scripts += 1
+                self.by_command_in_scripts[command] += 1
             else:
                 self.client_commands += 1
                 self.by_command[command] += 1
@@ -229,6 +231,10 @@ class Monitor:
             "client_commands_by_name": {
                 command: round(count / events, 2)
                 for command, count in self.by_command.most_common()
+            },
+            "inside_scripts_by_name": {
+                command: round(count / events, 2)
+                for command, count in self.by_command_in_scripts.most_common()
             },
         }
 
