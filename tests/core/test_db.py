@@ -1,4 +1,5 @@
-"""Telling a database that is gone from one that refuses a statement, on the real PostgreSQL."""
+"""Telling a database that is gone from one that refuses a statement, and the request's
+committing session, on the real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import QueuePool
 
-from b24sync.core.db import async_url, database_unavailable
+from b24sync.core.db import async_url, committing, create_sessionmaker, database_unavailable
 from b24sync.settings import Settings
 from tests.core.helpers import proxied_database
 
@@ -35,3 +37,33 @@ async def test_a_statement_the_database_refuses_is_not_unavailability(
         with pytest.raises(DBAPIError) as refused:
             await connection.execute(text("SELECT 1 / 0"))
     assert not database_unavailable(refused.value)
+
+
+async def test_a_committing_session_commits_rolls_back_and_always_gives_its_connection_back(
+    engine: AsyncEngine,
+) -> None:
+    sessions = create_sessionmaker(engine)
+    insert = text("INSERT INTO committing_probe VALUES (:n)")
+
+    async def failing_request() -> None:
+        async with committing(sessions) as session:
+            await session.execute(insert, {"n": 2})
+            raise RuntimeError("the request failed after its write")
+
+    async with engine.begin() as connection:
+        await connection.execute(text("CREATE TABLE committing_probe (n int)"))
+    try:
+        async with committing(sessions) as session:
+            await session.execute(insert, {"n": 1})
+        with pytest.raises(RuntimeError):
+            await failing_request()
+        async with committing(sessions):
+            pass  # a session that never began
+        assert isinstance(engine.pool, QueuePool)
+        assert engine.pool.checkedout() == 0
+        async with engine.connect() as connection:
+            rows = (await connection.execute(text("SELECT n FROM committing_probe"))).all()
+        assert [row.n for row in rows] == [1]
+    finally:
+        async with engine.begin() as connection:
+            await connection.execute(text("DROP TABLE committing_probe"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -99,9 +100,14 @@ async def committing(
 ) -> AsyncIterator[AsyncSession]:
     """A session whose transaction commits when the block exits without an error (an error
     skips the commit; closing rolls back). A session that began none is not committed: a
-    grouped create wrote through a connection of its own, and beginning a transaction only to
-    commit it costs CPU."""
-    async with sessionmaker() as session:
+    grouped write went through a connection of its own, and beginning a transaction only to
+    commit it costs CPU. Nor is it closed: it holds no connection, and closing a session costs
+    a task (`AsyncSession` shields its close), about a tenth of a grouped write's CPU."""
+    session = sessionmaker()
+    try:
         yield session
         if session.in_transaction():
             await session.commit()
+    finally:
+        if session.in_transaction():
+            await asyncio.shield(session.close())
