@@ -193,6 +193,9 @@ class Monitor:
         self.path = Path(f"/tmp/b24sync-bench-monitor-{prefix}.txt")  # noqa: S108
         self.client_commands = 0
         self.in_scripts = 0
+        # Commands inside scripts on the service's own keys (user state, leases, request stats,
+        # under `bitrix.main.key_prefix`); the rest are BullMQ's.
+        self.in_own_scripts = 0
         self.by_command: Counter[str] = Counter()
         self.by_command_in_scripts: Counter[str] = Counter()
 
@@ -218,6 +221,8 @@ class Monitor:
             if "[0 lua]" in line:
                 self.in_scripts += 1
                 self.by_command_in_scripts[command] += 1
+                if f"{self.prefix}:bitrix_jobs:b24sync:" in line:
+                    self.in_own_scripts += 1
             else:
                 self.client_commands += 1
                 self.by_command[command] += 1
@@ -227,6 +232,8 @@ class Monitor:
         return {
             "client_commands": round(self.client_commands / events, 2),
             "commands_inside_scripts": round(self.in_scripts / events, 2),
+            "inside_bullmq_scripts": round((self.in_scripts - self.in_own_scripts) / events, 2),
+            "inside_own_scripts": round(self.in_own_scripts / events, 2),
             "all_commands": round((self.client_commands + self.in_scripts) / events, 2),
             "client_commands_by_name": {
                 command: round(count / events, 2)
