@@ -242,3 +242,44 @@ async def test_a_command_joined_until_it_leaves_goes_first(
         "batch",
     ]
     assert calls[1]["params"]["filter"]["@TITLE"] == ["first", "second"]
+
+
+async def test_once_the_bucket_is_in_use_a_request_waits_to_fill(
+    make_transport: MakeTransport, admin: Admin, fast_settings: Settings, redis_client: Redis
+) -> None:
+    limiter = RateLimiter(
+        redis_client, f"{fast_settings.bullmq_prefix}:ratelimit", burst=20, rate_per_s=1
+    )
+    transport = make_transport(make_client(fast_settings.portal_webhook_url, limiter=limiter))
+
+    async def lone_then_two_more(name: str) -> None:
+        """One command, then two more while it could still be waiting to fill."""
+        first = transport.submit(Command("crm.lead.add", {"fields": {"TITLE": f"{name} 1"}}))
+        await asyncio.sleep(0.3)
+        later = await outcomes(
+            transport, *(("crm.lead.add", {"fields": {"TITLE": f"{name} {n}"}}) for n in (2, 3))
+        )
+        assert not any(isinstance(outcome, BitrixError) for outcome in [await first, *later])
+
+    async def requests() -> list[list[str]]:
+        """The titles each request carried, in order (a batch's commands come before it)."""
+        carried: list[list[str]] = []
+        titles: list[str] = []
+        for call in (await admin.http.get("/admin/calls")).json():
+            if call["method"] != "batch":
+                titles.append(call["params"]["fields"]["TITLE"])
+                continue
+            inside = len(call["params"]["cmd"])
+            carried += [[title] for title in titles[:-inside]] + [titles[-inside:]]
+            titles = []
+        return carried + [[title] for title in titles]
+
+    # With the bucket nearly free, a lone command leaves at once.
+    await lone_then_two_more("free")
+    assert await requests() == [["free 1"], ["free 2", "free 3"]]
+    # Slots taken by another worker: a quarter of the bucket used. The lone command waits for
+    # company, up to the second the bucket takes to free a slot.
+    for _ in range(3):
+        await limiter.acquire()
+    await lone_then_two_more("scarce")
+    assert (await requests())[2:] == [["scarce 1", "scarce 2", "scarce 3"]]

@@ -210,6 +210,16 @@ class BitrixClient:
         # Bucket overflow: one slot drains quickly; back off further if it keeps happening.
         return float(self._limit_wait_s * 1.5**waits)
 
+    def bucket_free_share(self) -> float:
+        """The share of the shared bucket free now, as far as this process can tell (1 when
+        there is no bucket)."""
+        return 1.0 if self._limiter is None else self._limiter.free_share()
+
+    @property
+    def slot_interval_s(self) -> float:
+        """How long the shared bucket takes to free one slot (0 when there is no bucket)."""
+        return 0.0 if self._limiter is None else self._limiter.interval_s
+
     async def take_request_slot(self, method: str) -> None:
         """Waits for a free slot of the shared bucket and takes it (no-op without a limiter).
         Raises the OPERATION_TIME_LIMIT error while another worker was told `method` is

@@ -205,11 +205,13 @@ class SyncEngine:
 
     # --- whose turn ---------------------------------------------------------------------
 
-    def ready(self) -> bool:
-        """Whether users wait that the engine could take on now."""
-        if self._closing or len(self._active) >= self._max_users:
-            return False
-        return any(user_id not in self._active for user_id in self._waiting)
+    def backlog(self, limit: int) -> int:
+        """How many waiting users the engine could take on now, counted up to `limit`."""
+        limit = min(limit, self._max_users - len(self._active))
+        if self._closing or limit <= 0:
+            return 0
+        waiting = (user_id for user_id in self._waiting if user_id not in self._active)
+        return sum(1 for _ in itertools.islice(waiting, limit))
 
     async def admit(self) -> None:
         """Takes on waiting users, as many as there is room for, when a request is about to

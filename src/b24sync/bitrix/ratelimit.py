@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from typing import Any
 
 from redis.asyncio import Redis
@@ -22,13 +23,14 @@ from b24sync.bitrix.stats import REQUESTS, count_lua
 
 # KEYS[1] the bucket hash {level, ts}, KEYS[2] the method's block, KEYS[3] (optional) the
 # request counters' prefix (stats.py); ARGV: burst, rate per second, cost, and the counters'
-# kind. Returns 0 when the cost was taken (counted as requests when KEYS[3] is given),
-# otherwise the milliseconds to wait before trying again: negative while the method is blocked
-# (nothing taken). Time comes from the Redis server so that clocks of the callers do not matter.
+# kind. Returns {0, room} when the cost was taken (counted as requests when KEYS[3] is given),
+# room being the thousandths of a slot still free; otherwise {1, ms} with the milliseconds to
+# wait before trying again, or {2, ms} while the method is blocked (nothing taken). Time comes
+# from the Redis server so that clocks of the callers do not matter.
 _ACQUIRE = f"""
 local blocked = redis.call('PTTL', KEYS[2])
 if blocked > 0 then
-  return -blocked
+  return {{2, blocked}}
 end
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
@@ -46,9 +48,9 @@ if level + cost <= burst then
   if KEYS[3] then
 {count_lua(key=3, kind=4, amount=3)}
   end
-  return 0
+  return {{0, math.floor((burst - level) * 1000)}}
 end
-return math.ceil((level + cost - burst) / rate * 1000)
+return {{1, math.ceil((level + cost - burst) / rate * 1000)}}
 """
 
 # Marks the bucket full: the portal said it is over its limit, whatever our count says.
@@ -90,6 +92,20 @@ class RateLimiter:
         self._stats_key = stats_key
         self._acquire_script: Any = redis.register_script(_ACQUIRE)
         self._fill_script: Any = redis.register_script(_FILL)
+        # The room the bucket had after this process last took from it, and when.
+        self._room = float(burst)
+        self._room_at = 0.0
+
+    @property
+    def interval_s(self) -> float:
+        """How long the bucket takes to free one slot."""
+        return 1 / self._rate_per_s
+
+    def free_share(self) -> float:
+        """The share of the bucket free now, as far as this process can tell: the room left
+        after its last take, drained since (other processes may have taken some)."""
+        drained = (time.monotonic() - self._room_at) * self._rate_per_s
+        return min(1.0, (self._room + drained) / self._burst)
 
     async def try_acquire(self, cost: int = 1, *, method: str = "") -> float:
         """Takes `cost` slots if free and returns 0, else returns the seconds to wait.
@@ -99,14 +115,15 @@ class RateLimiter:
         keys = [self._key, self._block_key(method)]
         if self._stats_key is not None:
             keys.append(self._stats_key)
-        wait_ms = int(
-            await self._acquire_script(
-                keys=keys, args=[self._burst, self._rate_per_s, cost, REQUESTS]
-            )
+        status, value = await self._acquire_script(
+            keys=keys, args=[self._burst, self._rate_per_s, cost, REQUESTS]
         )
-        if wait_ms < 0:
-            raise MethodBlockedError(method, -wait_ms / 1000)
-        return wait_ms / 1000
+        if int(status) == 0:
+            self._room, self._room_at = int(value) / 1000, time.monotonic()
+            return 0.0
+        if int(status) == 2:
+            raise MethodBlockedError(method, int(value) / 1000)
+        return int(value) / 1000
 
     async def acquire(self, cost: int = 1, *, method: str = "") -> None:
         """Waits until `cost` slots are free and takes them (see `try_acquire`)."""

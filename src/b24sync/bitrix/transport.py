@@ -6,7 +6,11 @@ together, up to `max_commands` of them. A request may go out when nothing is out
 command leaves at once, as a plain call), when it is full, or when every request out has taken
 longer than `stall_s`; never more than `max_in_flight` at once. So under load requests leave as
 full as the bucket and the portal's pace allow, and a request that hangs holds only its own
-commands: after `stall_s` the others leave beside it. Commands that many callers join (a
+commands: after `stall_s` the others leave beside it. The bucket's burst is kept for full
+requests: once a tenth of it is used, a request that is not full waits to fill for up to the
+time the bucket takes to free a slot, so a backlog after a quiet spell leaves in full requests
+(a burst of 250 carries 12,500 commands, not the few that happen to be ready), while a lone
+change at light load still leaves at once. Commands that many callers join (a
 look-up of many users) are built only when they leave and go first, so that everyone who
 joined meanwhile rides along. A `Feeder` (the sync engine) plans its commands at that moment
 too, once a request is sure to leave: whatever its users sent until then is merged.
@@ -46,6 +50,9 @@ Outcome = Answer | BitrixError
 _BUCKET_RETRY_S = 1.0
 # A request out longer than this no longer holds back requests that are not full.
 STALL_S = 0.5
+# Below this share of the shared bucket free, a request that is not full waits to fill: the
+# burst is kept for full requests, but for a few that leave at once.
+FILL_BELOW_FREE_SHARE = 0.9
 
 
 class Command:
@@ -76,7 +83,9 @@ class Feeder(Protocol):
     """Who plans commands just before a request leaves (the sync engine takes on waiting
     users then, so that their jobs arriving until then are merged)."""
 
-    def ready(self) -> bool: ...
+    def backlog(self, limit: int) -> int:
+        """How many commands it would plan now (about one per user), counted up to `limit`."""
+        ...
 
     async def admit(self) -> None: ...
 
@@ -99,6 +108,10 @@ class Transport:
         self._rest: deque[Command] = deque()
         # Requests out, with when each left.
         self._in_flight: dict[asyncio.Task[None], float] = {}
+        # Since when a request that is not full has been waiting to fill (see `_filling`).
+        self._filling_since: float | None = None
+        # When `_may_send` last looked at the clock (see `_wake_later`).
+        self._checked_at = 0.0
         self._wake = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.Task[None] | None = None
@@ -148,6 +161,7 @@ class Transport:
                 commands = self._take()
                 if not commands:  # what was due went away meanwhile; the slot is spent
                     break
+                self._filling_since = None
                 task = asyncio.create_task(self._send(commands))
                 self._in_flight[task] = time.monotonic()
                 task.add_done_callback(self._request_done)
@@ -159,15 +173,35 @@ class Transport:
         self._wake.set()
 
     def _may_send(self) -> bool:
+        self._checked_at = time.monotonic()
         if len(self._in_flight) >= self._max_in_flight:
             return False
         due = self._due_count()
         if due == 0 and not self._fed():
             return False
-        return not self._in_flight or due >= self._max_commands or self._all_stalled()
+        if self._in_flight:
+            return self._full(due) or self._all_stalled()
+        return not self._filling(due)
 
-    def _fed(self) -> bool:
-        return self._feeder is not None and self._feeder.ready()
+    def _full(self, due: int) -> bool:
+        """Whether the commands due and those the feeder would plan fill a request."""
+        return due + self._fed(self._max_commands - due) >= self._max_commands
+
+    def _fed(self, limit: int = 1) -> int:
+        """How many commands the feeder would plan now, counted up to `limit`."""
+        return 0 if self._feeder is None else self._feeder.backlog(limit)
+
+    def _filling(self, due: int) -> bool:
+        """Whether a request should wait to fill: it is not full, less of the bucket is free
+        than `FILL_BELOW_FREE_SHARE`, and it has not waited as long as the bucket takes to free
+        a slot."""
+        if self._client.bucket_free_share() >= FILL_BELOW_FREE_SHARE or self._full(due):
+            self._filling_since = None
+            return False
+        now = time.monotonic()
+        if self._filling_since is None:
+            self._filling_since = now
+        return now - self._filling_since < self._client.slot_interval_s
 
     def _all_stalled(self) -> bool:
         return time.monotonic() - max(self._in_flight.values()) >= self._stall_s
@@ -210,17 +244,22 @@ class Transport:
 
     def _wake_later(self) -> None:
         """Wakes the loop when commands held back may leave: when the first command waiting
-        out a limit is due, or when the requests out stall."""
+        out a limit is due, when the requests out stall, or when a request has waited long
+        enough to fill. A moment is missed only if `_may_send` saw it pass: one that passed
+        since it looked wakes the loop at once."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        now = time.monotonic()
+        now = self._checked_at
         moments = [command.not_before for command in (*self._first, *self._rest)]
         if self._in_flight and (self._due_count() or self._fed()):
             moments.append(max(self._in_flight.values()) + self._stall_s)
+        if self._filling_since is not None:
+            moments.append(self._filling_since + self._client.slot_interval_s)
         later = [moment for moment in moments if moment > now]
         if later:
-            self._timer = asyncio.get_running_loop().call_later(min(later) - now, self._wake.set)
+            delay_s = max(0.0, min(later) - time.monotonic())
+            self._timer = asyncio.get_running_loop().call_later(delay_s, self._wake.set)
 
     async def _send(self, commands: list[Command]) -> None:
         try:
