@@ -12,10 +12,12 @@ times each one until its reply. Scenarios:
   commands per event in steady state (`--redis`: MONITOR of the service's keys, counting client
   round trips and the commands run inside scripts).
 - `light`: one change at a time, every `--gap` seconds (random): latency percentiles.
-- `hold`: the emulator holds one request's answer for 35 s in the middle of a create run: the
-  rate of everyone else during the hold against before it.
-- `kill`: two service processes; one is killed with SIGKILL in the middle of a create run: the
-  survivor's rate before and after, the time until every user is answered, leads per user.
+- `hold`: the emulator holds one request's answer for 35 s in the middle of a create run (once
+  the bucket's burst is long spent): the rate of everyone else during the hold against the
+  10 s before it.
+- `kill`: two service processes; one is killed with SIGKILL in the middle of a create run (as
+  late as `hold`): the survivor's rate before and after, the time until every user is
+  answered, leads per user.
 - `changes`: N users each changed 5 times in quick succession: how many writes Bitrix24 got.
 
     .venv/bin/python bench/bitrix_throughput.py [--scenario plan] [--plan standard]
@@ -59,6 +61,9 @@ from _common import (
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
 PORTAL_LIMIT = {"standard": "standard", "enterprise": "enterprise", "unlimited": "off"}
+# A disturbance comes no earlier than this into a run: the bucket's burst is long spent, so
+# the 10 s before it measure the steady rate.
+STEADY_AFTER_S = 20.0
 
 
 def event(
@@ -410,12 +415,15 @@ def run_light(args: argparse.Namespace) -> dict[str, Any]:
 async def disturbed_creates(
     system: System, args: argparse.Namespace, disturb: Callable[[], Awaitable[None]]
 ) -> tuple[Bench, list[str], float]:
-    """Creates `args.events` users, calls `disturb` once a third of them are answered, and
-    waits for the rest; returns the bench, the event ids and when the disturbance began."""
+    """Creates `args.events` users, calls `disturb` once a third of them are answered and
+    `STEADY_AFTER_S` have passed, and waits for the rest; returns the bench, the event ids and
+    when the disturbance began."""
     bench = Bench(system.queue, system.reply_queue)
     async with bench.open():
+        started = time.perf_counter()
         created = await create_users(bench, range(1, args.events + 1))
         await bench.until_answered(args.events // 3)
+        await asyncio.sleep(max(0.0, started + STEADY_AFTER_S - time.perf_counter()))
         disturbed_at = time.perf_counter()
         await disturb()
         await bench.wait(created, args.timeout)

@@ -53,6 +53,8 @@ STALL_S = 0.5
 # Below this share of the shared bucket free, a request that is not full waits to fill: the
 # burst is kept for full requests, but for a few that leave at once.
 FILL_BELOW_FREE_SHARE = 0.9
+# The longest a request waits to fill, however slowly the bucket frees slots.
+MAX_FILL_WAIT_S = 1.0
 
 
 class Command:
@@ -194,14 +196,17 @@ class Transport:
     def _filling(self, due: int) -> bool:
         """Whether a request should wait to fill: it is not full, less of the bucket is free
         than `FILL_BELOW_FREE_SHARE`, and it has not waited as long as the bucket takes to free
-        a slot."""
+        a slot (`_fill_wait_s`)."""
         if self._client.bucket_free_share() >= FILL_BELOW_FREE_SHARE or self._full(due):
             self._filling_since = None
             return False
         now = time.monotonic()
         if self._filling_since is None:
             self._filling_since = now
-        return now - self._filling_since < self._client.slot_interval_s
+        return now - self._filling_since < self._fill_wait_s()
+
+    def _fill_wait_s(self) -> float:
+        return min(self._client.slot_interval_s, MAX_FILL_WAIT_S)
 
     def _all_stalled(self) -> bool:
         return time.monotonic() - max(self._in_flight.values()) >= self._stall_s
@@ -255,7 +260,7 @@ class Transport:
         if self._in_flight and (self._due_count() or self._fed()):
             moments.append(max(self._in_flight.values()) + self._stall_s)
         if self._filling_since is not None:
-            moments.append(self._filling_since + self._client.slot_interval_s)
+            moments.append(self._filling_since + self._fill_wait_s())
         later = [moment for moment in moments if moment > now]
         if later:
             delay_s = max(0.0, min(later) - time.monotonic())
