@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     stages: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_STAGES))
     outbox_batch_size: int = 200
     outbox_poll_interval_s: float = 1.0
+    # A relay woken this soon after a batch that sent something began waits out the rest first,
+    # so that under steady load the events of those milliseconds leave in one batch (one
+    # transaction, one confirm) instead of a few each; after a quiet spell an event leaves at
+    # once.
+    outbox_batch_gap_ms: float = Field(default=10.0, ge=0, le=1000)
     # Uvicorn worker processes; each runs a reply consumer and, unless outbox_relay_process is
     # set, a relay (one publishes at a time).
     core_workers: int = 1

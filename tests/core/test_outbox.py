@@ -257,6 +257,42 @@ async def test_two_relays_keep_per_user_order(
     assert len({m.message_id for m in messages}) == len(messages)
 
 
+async def test_after_a_quiet_spell_an_event_leaves_at_once_then_a_trickle_waits_for_company(
+    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+) -> None:
+    settings = core_settings.model_copy(
+        update={"outbox_batch_gap_ms": 500, "outbox_poll_interval_s": 30}
+    )
+    relay = asyncio.create_task(Relay(settings, engine).run())
+    try:
+        await asyncio.sleep(0.6)  # quiet for longer than the gap
+        users = [await create_user(committed, settings, "Trickle 1")]
+        await drain(settings.rabbitmq_queue, 1)
+        # Within the gap of the first batch: these two wait for it to pass and leave together,
+        # though a batch would have gone out between them.
+        users.append(await create_user(committed, settings, "Trickle 2"))
+        await asyncio.sleep(0.1)
+        users.append(await create_user(committed, settings, "Trickle 3"))
+        await drain(settings.rabbitmq_queue, 2)
+    finally:
+        relay.cancel()
+        await asyncio.gather(relay, return_exceptions=True)
+    async with committed() as session:
+        rows = (
+            await session.execute(
+                text(
+                    "SELECT created_at, published_at FROM outbox_events"
+                    " WHERE user_id = ANY(:ids) ORDER BY seq"
+                ),
+                {"ids": [user.id for user in users]},
+            )
+        ).all()
+    (first_created, first_published), (_, second), (_, third) = rows
+    assert (first_published - first_created).total_seconds() < 0.4
+    # Marked in one statement (each row at its own clock reading), not 0.1 s apart.
+    assert (third - second).total_seconds() < 0.05
+
+
 async def test_core_killed_mid_batch_loses_nothing(
     core_settings: Settings, engine: AsyncEngine, committed: Sessions, tmp_path: Path
 ) -> None:

@@ -127,8 +127,10 @@ class Relay:
                 try:
                     await self._resend_when_due()
                     await self._retry_when_due()
-                    while await self.publish_batch() >= self.settings.outbox_batch_size:
-                        pass
+                    started = asyncio.get_running_loop().time()
+                    sent = await self.publish_batch()
+                    while sent >= self.settings.outbox_batch_size:
+                        sent = await self.publish_batch()
                 except Exception as exc:
                     delay = backoff.failed()
                     if backoff.should_log:
@@ -146,6 +148,9 @@ class Relay:
                     await asyncio.wait_for(
                         self._wakeup.wait(), self.settings.outbox_poll_interval_s
                     )
+                if sent:  # events are coming: let those of the next moments leave together
+                    gap_s = self.settings.outbox_batch_gap_ms / 1000
+                    await asyncio.sleep(started + gap_s - asyncio.get_running_loop().time())
         finally:
             listener.cancel()
             with suppress(asyncio.CancelledError):
