@@ -178,26 +178,27 @@ class Transport:
         self._checked_at = time.monotonic()
         if len(self._in_flight) >= self._max_in_flight:
             return False
-        due = self._due_count()
-        if due == 0 and not self._fed():
+        ready = self._ready_count()
+        if ready == 0:
             return False
+        full = ready >= self._max_commands
         if self._in_flight:
-            return self._full(due) or self._all_stalled()
-        return not self._filling(due)
+            return full or self._all_stalled()
+        return not self._filling(full)
 
-    def _full(self, due: int) -> bool:
-        """Whether the commands due and those the feeder would plan fill a request."""
-        return due + self._fed(self._max_commands - due) >= self._max_commands
+    def _ready_count(self) -> int:
+        """The commands due and those the feeder would plan now, counted up to a full
+        request."""
+        due = self._due_count()
+        if self._feeder is None or due >= self._max_commands:
+            return due
+        return due + self._feeder.backlog(self._max_commands - due)
 
-    def _fed(self, limit: int = 1) -> int:
-        """How many commands the feeder would plan now, counted up to `limit`."""
-        return 0 if self._feeder is None else self._feeder.backlog(limit)
-
-    def _filling(self, due: int) -> bool:
+    def _filling(self, full: bool) -> bool:
         """Whether a request should wait to fill: it is not full, less of the bucket is free
         than `FILL_BELOW_FREE_SHARE`, and it has not waited as long as the bucket takes to free
         a slot (`_fill_wait_s`)."""
-        if self._client.bucket_free_share() >= FILL_BELOW_FREE_SHARE or self._full(due):
+        if full or self._client.bucket_free_share() >= FILL_BELOW_FREE_SHARE:
             self._filling_since = None
             return False
         now = time.monotonic()
@@ -257,7 +258,7 @@ class Transport:
             self._timer = None
         now = self._checked_at
         moments = [command.not_before for command in (*self._first, *self._rest)]
-        if self._in_flight and (self._due_count() or self._fed()):
+        if self._in_flight and self._ready_count():
             moments.append(max(self._in_flight.values()) + self._stall_s)
         if self._filling_since is not None:
             moments.append(self._filling_since + self._fill_wait_s())
