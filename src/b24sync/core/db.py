@@ -101,8 +101,9 @@ async def committing(
     """A session whose transaction commits when the block exits without an error (an error
     skips the commit; closing rolls back). A session that began none is not committed: a
     grouped write went through a connection of its own, and beginning a transaction only to
-    commit it costs CPU. Nor is it closed: it holds no connection, and closing a session costs
-    a task (`AsyncSession` shields its close), about a tenth of a grouped write's CPU."""
+    commit it costs CPU. It is closed only while still in a transaction (after an error): a
+    committed session, or one that began none, holds no connection, and closing a session
+    costs a task (`AsyncSession` shields its close), about a tenth of a grouped write's CPU."""
     session = sessionmaker()
     try:
         yield session

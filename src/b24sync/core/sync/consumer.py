@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from b24sync.batching import Coalescer
 from b24sync.contracts import MalformedMessageError, ReplyData, parse_reply
-from b24sync.core.db import database_unavailable, one_item_to_blame
+from b24sync.core.db import committing, database_unavailable, one_item_to_blame
 from b24sync.core.sync.service import Outcome, reply_service
 from b24sync.logs import get_logger, shorten
 from b24sync.messaging import durable_queue
@@ -77,7 +77,7 @@ class ReplyApplier:
     async def _apply_group(self, group: list[IncomingReply]) -> list[Outcome]:
         """The outcomes in the group's order; the replies applied in their users' id order."""
         in_lock_order = sorted(range(len(group)), key=lambda n: group[n].reply.target_user_id)
-        async with self._sessionmaker() as session, session.begin():
+        async with committing(self._sessionmaker) as session:
             applied = await reply_service.apply_many(
                 session,
                 self._settings,

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from b24sync.batching import Coalescer
 from b24sync.contracts import Pattern
-from b24sync.core.db import one_item_to_blame
+from b24sync.core.db import committing, one_item_to_blame
 from b24sync.core.exceptions import FieldValidationError, NotFoundError
 from b24sync.core.models import OutboxEvent, SyncStatus, User
 from b24sync.core.outbox import repository as outbox_repository
@@ -196,7 +196,7 @@ def grouped_changes(
     refuses is tried again alone, so it fails only its own request."""
 
     async def apply(changes: list[UserChange]) -> list[User | None]:
-        async with sessionmaker() as session, session.begin():
+        async with committing(sessionmaker) as session:
             return list(await user_service.apply_changes(session, settings, changes))
 
     return Coalescer(
