@@ -58,6 +58,8 @@ from _common import (
     percentile,
     write_result,
 )
+from b24sync.bitrix.main import key_prefix
+from b24sync.settings import Settings
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
 PORTAL_LIMIT = {"standard": "standard", "enterprise": "enterprise", "unlimited": "off"}
@@ -198,8 +200,9 @@ class Monitor:
         self.path = Path(f"/tmp/b24sync-bench-monitor-{prefix}.txt")  # noqa: S108
         self.client_commands = 0
         self.in_scripts = 0
-        # Commands inside scripts on the service's own keys (user state, leases, request stats,
-        # under `bitrix.main.key_prefix`); the rest are BullMQ's.
+        # Commands inside scripts on the service's own keys (user state, leases, request stats);
+        # the rest are BullMQ's.
+        self.own_keys = key_prefix(Settings(bullmq_prefix=prefix)) + ":"
         self.in_own_scripts = 0
         self.by_command: Counter[str] = Counter()
         self.by_command_in_scripts: Counter[str] = Counter()
@@ -226,7 +229,7 @@ class Monitor:
             if "[0 lua]" in line:
                 self.in_scripts += 1
                 self.by_command_in_scripts[command] += 1
-                if f"{self.prefix}:bitrix_jobs:b24sync:" in line:
+                if self.own_keys in line:
                     self.in_own_scripts += 1
             else:
                 self.client_commands += 1
