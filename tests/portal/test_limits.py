@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from b24sync.portal.limits import OperatingTime
 from b24sync.portal.state import Portal
 from b24sync.settings import Settings
 from tests.portal.conftest import MakeApi
@@ -78,3 +79,22 @@ async def test_operating_limit_blocks_one_method_until_the_window_passes(
     assert "b" in batch["result"]
     await asyncio.sleep(1.55)
     assert (await api.call("crm.lead.list")).status_code == 200
+
+
+def test_operating_time_sums_only_the_calls_inside_the_window() -> None:
+    now = [100.0]
+    limit = OperatingTime(budget_s=1.0, window_s=10.0, cost_s=0.0, clock=lambda: now[0])
+    limit.record("crm.lead.add", 0.4)
+    now[0] += 4
+    limit.record("crm.lead.add", 0.5)
+    limit.record("crm.lead.list", 2.0)
+    assert limit.used("crm.lead.add") == pytest.approx(0.9)
+    assert not limit.is_blocked("crm.lead.add")
+    assert limit.is_blocked("crm.lead.list")
+    now[0] += 6.5  # the first call leaves the window
+    assert limit.used("crm.lead.add") == pytest.approx(0.5)
+    now[0] += 4  # so do the rest
+    assert limit.used("crm.lead.add") == 0.0
+    assert not limit.is_blocked("crm.lead.list")
+    limit.record("crm.lead.add", 0.25)
+    assert limit.used("crm.lead.add") == pytest.approx(0.25)

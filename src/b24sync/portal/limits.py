@@ -53,6 +53,9 @@ class OperatingTime:
     Each call counts its measured time plus `cost_s`, a simulated execution time that lets a
     test reach the budget in a few calls. `budget_s=None` turns the limit off (the time is still
     reported in `time.operating`).
+
+    Each method's sum is kept as calls enter and leave the window: a portal answering thousands
+    of calls a minute would otherwise add up the whole window on every call.
     """
 
     def __init__(
@@ -63,15 +66,19 @@ class OperatingTime:
         self.cost_s = cost_s
         self._clock = clock
         self._calls: dict[str, deque[tuple[float, float]]] = {}
+        self._sums: dict[str, float] = {}
 
     def used(self, method: str) -> float:
-        return sum(seconds for _, seconds in self._window(method))
+        self._window(method)
+        return max(0.0, self._sums.get(method, 0.0))
 
     def is_blocked(self, method: str) -> bool:
         return self.budget_s is not None and self.used(method) > self.budget_s
 
     def record(self, method: str, measured_s: float) -> None:
-        self._calls.setdefault(method, deque()).append((self._clock(), measured_s + self.cost_s))
+        seconds = measured_s + self.cost_s
+        self._calls.setdefault(method, deque()).append((self._clock(), seconds))
+        self._sums[method] = self._sums.get(method, 0.0) + seconds
 
     def reset_at(self, method: str) -> int:
         """Unix time (whole seconds, rounded up: waiting until then is always enough) when the
@@ -82,10 +89,13 @@ class OperatingTime:
 
     def reset(self) -> None:
         self._calls.clear()
+        self._sums.clear()
 
     def _window(self, method: str) -> deque[tuple[float, float]]:
         calls = self._calls.get(method, deque())
         horizon = self._clock() - self.window_s
         while calls and calls[0][0] <= horizon:
-            calls.popleft()
+            self._sums[method] -= calls.popleft()[1]
+        if not calls:
+            self._sums.pop(method, None)  # no rounding error outlives the window
         return calls

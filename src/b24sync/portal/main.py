@@ -80,12 +80,12 @@ In tests, over real HTTP in the test's own event loop::
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from types import TracebackType
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
+import uvloop
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from b24sync.logs import configure_logging, get_logger
 from b24sync.portal.app import create_app
@@ -103,10 +103,11 @@ _ALWAYS_SERVED = (b"/admin", b"/healthz")
 _GRACEFUL_SHUTDOWN_S = 5
 
 
-def _protocol_for(portal: Portal) -> type[H11Protocol]:
-    """uvicorn's h11 protocol, which drops REST requests during a connection-level outage."""
+def _protocol_for(portal: Portal) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol (Core's, several times cheaper per request than h11), which
+    drops REST requests during a connection-level outage."""
 
-    class OutageAwareProtocol(H11Protocol):
+    class OutageAwareProtocol(HttpToolsProtocol):
         def data_received(self, data: bytes) -> None:
             if portal.faults.outage() == "connection" and _is_rest_request(data):
                 self.transport.abort()
@@ -210,4 +211,4 @@ def run(settings: Settings) -> None:
         secrets=[settings.portal_webhook.get_secret_value()],
         personal_data=settings.log_pii,
     )
-    asyncio.run(_serve_until_stopped(settings))
+    uvloop.run(_serve_until_stopped(settings))
