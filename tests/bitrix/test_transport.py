@@ -244,6 +244,21 @@ async def test_a_command_joined_until_it_leaves_goes_first(
     assert calls[1]["params"]["filter"]["@TITLE"] == ["first", "second"]
 
 
+async def titles_by_request(admin: Admin) -> list[list[str]]:
+    """The titles of the leads added by each request, in order (the portal records a batch's
+    commands before the batch itself)."""
+    carried: list[list[str]] = []
+    titles: list[str] = []
+    for call in (await admin.http.get("/admin/calls")).json():
+        if call["method"] != "batch":
+            titles.append(call["params"]["fields"]["TITLE"])
+            continue
+        inside = len(call["params"]["cmd"])
+        carried += [[title] for title in titles[:-inside]] + [titles[-inside:]]
+        titles = []
+    return carried + [[title] for title in titles]
+
+
 async def test_once_the_bucket_is_in_use_a_request_waits_to_fill(
     make_transport: MakeTransport, admin: Admin, fast_settings: Settings, redis_client: Redis
 ) -> None:
@@ -261,25 +276,32 @@ async def test_once_the_bucket_is_in_use_a_request_waits_to_fill(
         )
         assert not any(isinstance(outcome, BitrixError) for outcome in [await first, *later])
 
-    async def requests() -> list[list[str]]:
-        """The titles each request carried, in order (a batch's commands come before it)."""
-        carried: list[list[str]] = []
-        titles: list[str] = []
-        for call in (await admin.http.get("/admin/calls")).json():
-            if call["method"] != "batch":
-                titles.append(call["params"]["fields"]["TITLE"])
-                continue
-            inside = len(call["params"]["cmd"])
-            carried += [[title] for title in titles[:-inside]] + [titles[-inside:]]
-            titles = []
-        return carried + [[title] for title in titles]
-
     # With the bucket nearly free, a lone command leaves at once.
     await lone_then_two_more("free")
-    assert await requests() == [["free 1"], ["free 2", "free 3"]]
+    assert await titles_by_request(admin) == [["free 1"], ["free 2", "free 3"]]
     # Slots taken by another worker: a quarter of the bucket used. The lone command waits for
     # company, up to the second the bucket takes to free a slot.
     for _ in range(3):
         await limiter.acquire()
     await lone_then_two_more("scarce")
-    assert (await requests())[2:] == [["scarce 1", "scarce 2", "scarce 3"]]
+    assert (await titles_by_request(admin))[2:] == [["scarce 1", "scarce 2", "scarce 3"]]
+
+
+async def test_a_request_that_is_not_full_waits_out_the_gap_after_the_one_before(
+    make_transport: MakeTransport, admin: Admin
+) -> None:
+    """No bucket to wait for, so a portal that answers fast would be sent a request per
+    command: the gap makes the commands that come meanwhile ride together."""
+    transport = make_transport(min_gap_s=1.0)
+
+    def add(title: str) -> asyncio.Future[Any]:
+        return transport.submit(Command("crm.lead.add", {"fields": {"TITLE": title}}))
+
+    # After a quiet spell, a lone command leaves at once.
+    await asyncio.wait_for(add("lone"), timeout=0.5)
+    second = add("second")
+    await asyncio.sleep(0.2)
+    third = add("third")
+    assert not second.done()
+    await asyncio.gather(second, third)
+    assert await titles_by_request(admin) == [["lone"], ["second", "third"]]

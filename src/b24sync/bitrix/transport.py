@@ -10,9 +10,11 @@ commands: after `stall_s` the others leave beside it. The bucket's burst is kept
 requests: once a tenth of it is used, a request that is not full waits to fill for up to the
 time the bucket takes to free a slot, so a backlog after a quiet spell leaves in full requests
 (a burst of 250 carries 12,500 commands, not the few that happen to be ready), while a lone
-change at light load still leaves at once. Commands that many callers join (a
-look-up of many users) are built only when they leave and go first, so that everyone who
-joined meanwhile rides along. A `Feeder` (the sync engine) plans its commands at that moment
+change at light load still leaves at once. Nor does a request that is not full leave sooner
+than `min_gap_s` (25 ms) after the one before: with no limit to wait for, a portal that answers
+in a few milliseconds would otherwise get a request of a few commands each time it answered.
+Commands that many callers join (a look-up of many users) are built only when they leave and go
+first, so that everyone who joined meanwhile rides along. A `Feeder` (the sync engine) plans its commands at that moment
 too, once a request is sure to leave: whatever its users sent until then is merged.
 
 A limit answer (QUERY_LIMIT_EXCEEDED, OPERATION_TIME_LIMIT), for the whole request or for one
@@ -23,6 +25,7 @@ again, and the limit is passed on to every process sharing the bucket.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -55,6 +58,10 @@ STALL_S = 0.5
 FILL_BELOW_FREE_SHARE = 0.9
 # The longest a request waits to fill, however slowly the bucket frees slots.
 MAX_FILL_WAIT_S = 1.0
+# A request that is not full leaves no sooner than this after the one before. A request costs
+# both ends far more than a command in it: when the portal answers fast (no limit to wait for),
+# requests paced only by its answers would carry a few commands each.
+MIN_REQUEST_GAP_S = 0.025
 
 
 class Command:
@@ -100,11 +107,13 @@ class Transport:
         max_commands: int = MAX_BATCH_COMMANDS,
         max_in_flight: int,
         stall_s: float = STALL_S,
+        min_gap_s: float = MIN_REQUEST_GAP_S,
     ) -> None:
         self._client = client
         self._max_commands = max(1, min(max_commands, MAX_BATCH_COMMANDS))
         self._max_in_flight = max(1, max_in_flight)
         self._stall_s = stall_s
+        self._min_gap_s = min_gap_s
         self._feeder: Feeder | None = None
         self._first: deque[Command] = deque()
         self._rest: deque[Command] = deque()
@@ -112,6 +121,9 @@ class Transport:
         self._in_flight: dict[asyncio.Task[None], float] = {}
         # Since when a request that is not full has been waiting to fill (see `_filling`).
         self._filling_since: float | None = None
+        # When the last request left, and until when one that is not full waits for the gap.
+        self._last_left = -math.inf
+        self._paced_until: float | None = None
         # When `_may_send` last looked at the clock (see `_wake_later`).
         self._checked_at = 0.0
         self._wake = asyncio.Event()
@@ -163,9 +175,10 @@ class Transport:
                 commands = self._take()
                 if not commands:  # what was due went away meanwhile; the slot is spent
                     break
-                self._filling_since = None
+                self._filling_since = self._paced_until = None
+                self._last_left = time.monotonic()
                 task = asyncio.create_task(self._send(commands))
-                self._in_flight[task] = time.monotonic()
+                self._in_flight[task] = self._last_left
                 task.add_done_callback(self._request_done)
             self._wake_later()
             await self._wake.wait()
@@ -195,13 +208,22 @@ class Transport:
         return due + self._feeder.backlog(self._max_commands - due)
 
     def _filling(self, full: bool) -> bool:
-        """Whether a request should wait to fill: it is not full, less of the bucket is free
-        than `FILL_BELOW_FREE_SHARE`, and it has not waited as long as the bucket takes to free
-        a slot (`_fill_wait_s`)."""
-        if full or self._client.bucket_free_share() >= FILL_BELOW_FREE_SHARE:
-            self._filling_since = None
+        """Whether a request should wait to fill: it is not full, and either the last request
+        left less than `min_gap_s` ago, or less of the bucket is free than
+        `FILL_BELOW_FREE_SHARE` and it has not waited as long as the bucket takes to free a slot
+        (`_fill_wait_s`)."""
+        if full:
+            self._filling_since = self._paced_until = None
             return False
         now = time.monotonic()
+        paced_until = self._last_left + self._min_gap_s
+        if now < paced_until:
+            self._paced_until = paced_until
+            return True
+        self._paced_until = None
+        if self._client.bucket_free_share() >= FILL_BELOW_FREE_SHARE:
+            self._filling_since = None
+            return False
         if self._filling_since is None:
             self._filling_since = now
         return now - self._filling_since < self._fill_wait_s()
@@ -262,6 +284,8 @@ class Transport:
             moments.append(max(self._in_flight.values()) + self._stall_s)
         if self._filling_since is not None:
             moments.append(self._filling_since + self._fill_wait_s())
+        if self._paced_until is not None:
+            moments.append(self._paced_until)
         later = [moment for moment in moments if moment > now]
         if later:
             delay_s = max(0.0, min(later) - time.monotonic())
