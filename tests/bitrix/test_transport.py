@@ -287,21 +287,33 @@ async def test_once_the_bucket_is_in_use_a_request_waits_to_fill(
     assert (await titles_by_request(admin))[2:] == [["scarce 1", "scarce 2", "scarce 3"]]
 
 
-async def test_a_request_that_is_not_full_waits_out_the_gap_after_the_one_before(
+async def test_under_load_a_request_that_is_not_full_waits_out_the_gap_after_the_one_before(
     make_transport: MakeTransport, admin: Admin
 ) -> None:
     """No bucket to wait for, so a portal that answers fast would be sent a request per
-    command: the gap makes the commands that come meanwhile ride together."""
+    command: once requests carry several commands, the gap makes those that come meanwhile
+    ride together. A lone command and the one that follows its answer leave at once."""
     transport = make_transport(min_gap_s=1.0)
 
-    def add(title: str) -> asyncio.Future[Any]:
-        return transport.submit(Command("crm.lead.add", {"fields": {"TITLE": title}}))
+    def add(*titles: str) -> asyncio.Future[list[Any]]:
+        return asyncio.gather(
+            *(
+                transport.submit(Command("crm.lead.add", {"fields": {"TITLE": title}}))
+                for title in titles
+            )
+        )
 
-    # After a quiet spell, a lone command leaves at once.
     await asyncio.wait_for(add("lone"), timeout=0.5)
+    await asyncio.wait_for(add("after lone"), timeout=0.5)
+    await asyncio.wait_for(add("pair a", "pair b"), timeout=0.5)
     second = add("second")
     await asyncio.sleep(0.2)
     third = add("third")
     assert not second.done()
     await asyncio.gather(second, third)
-    assert await titles_by_request(admin) == [["lone"], ["second", "third"]]
+    assert await titles_by_request(admin) == [
+        ["lone"],
+        ["after lone"],
+        ["pair a", "pair b"],
+        ["second", "third"],
+    ]

@@ -1,21 +1,21 @@
 """Commands to Bitrix24, sent as `batch` requests as fast as the shared bucket allows.
 
-Whoever needs a REST call submits a `Command` and awaits its outcome. One loop sends: whenever
-a request may go out, a slot taken from the bucket, the commands waiting at that moment leave
-together, up to `max_commands` of them. A request may go out when nothing is out (so a lone
-command leaves at once, as a plain call), when it is full, or when every request out has taken
-longer than `stall_s`; never more than `max_in_flight` at once. So under load requests leave as
-full as the bucket and the portal's pace allow, and a request that hangs holds only its own
-commands: after `stall_s` the others leave beside it. The bucket's burst is kept for full
-requests: once a tenth of it is used, a request that is not full waits to fill for up to the
-time the bucket takes to free a slot, so a backlog after a quiet spell leaves in full requests
-(a burst of 250 carries 12,500 commands, not the few that happen to be ready), while a lone
-change at light load still leaves at once. Nor does a request that is not full leave sooner
-than `min_gap_s` (25 ms) after the one before: with no limit to wait for, a portal that answers
-in a few milliseconds would otherwise get a request of a few commands each time it answered.
-Commands that many callers join (a look-up of many users) are built only when they leave and go
-first, so that everyone who joined meanwhile rides along. A `Feeder` (the sync engine) plans its commands at that moment
-too, once a request is sure to leave: whatever its users sent until then is merged.
+Whoever needs a REST call submits a `Command` and awaits its outcome. One loop sends: whenever a
+request may go out, a slot taken from the bucket, the commands waiting at that moment leave
+together, up to `max_commands` of them. A request may go out when nothing is out (so a lone command
+leaves at once, as a plain call), when it is full, or when every request out has taken longer than
+`stall_s`; never more than `max_in_flight` at once. So under load requests leave as full as the
+bucket and the portal's pace allow, and a request that hangs holds only its own commands: after
+`stall_s` the others leave beside it. The bucket's burst is kept for full requests: once a tenth of
+it is used, a request that is not full waits to fill for up to the time the bucket takes to free a
+slot, so a backlog after a quiet spell leaves in full requests (a burst of 250 carries 12,500
+commands, not the few that happen to be ready), while a lone change at light load still leaves at
+once. Nor does a request that is not full leave sooner than `min_gap_s` (25 ms) after one that
+carried several commands: with no limit to wait for, a portal that answers in a few milliseconds
+would otherwise get a request of a few commands each time it answered. Commands that many callers
+join (a look-up of many users) are built only when they leave and go first, so that everyone who
+joined meanwhile rides along. A `Feeder` (the sync engine) plans its commands at that moment too,
+once a request is sure to leave: whatever its users sent until then is merged.
 
 A limit answer (QUERY_LIMIT_EXCEEDED, OPERATION_TIME_LIMIT), for the whole request or for one
 command inside it, is never an outcome: the command waits for the limit to clear and goes
@@ -58,9 +58,9 @@ STALL_S = 0.5
 FILL_BELOW_FREE_SHARE = 0.9
 # The longest a request waits to fill, however slowly the bucket frees slots.
 MAX_FILL_WAIT_S = 1.0
-# A request that is not full leaves no sooner than this after the one before. A request costs
-# both ends far more than a command in it: when the portal answers fast (no limit to wait for),
-# requests paced only by its answers would carry a few commands each.
+# Under load, a request that is not full leaves no sooner than this after the one before. A
+# request costs both ends far more than a command in it: when the portal answers fast (no limit
+# to wait for), requests paced only by its answers would carry a few commands each.
 MIN_REQUEST_GAP_S = 0.025
 
 
@@ -121,8 +121,10 @@ class Transport:
         self._in_flight: dict[asyncio.Task[None], float] = {}
         # Since when a request that is not full has been waiting to fill (see `_filling`).
         self._filling_since: float | None = None
-        # When the last request left, and until when one that is not full waits for the gap.
+        # When the last request left and how many commands it carried; until when one that is
+        # not full waits for the gap.
         self._last_left = -math.inf
+        self._last_size = 0
         self._paced_until: float | None = None
         # When `_may_send` last looked at the clock (see `_wake_later`).
         self._checked_at = 0.0
@@ -176,7 +178,7 @@ class Transport:
                 if not commands:  # what was due went away meanwhile; the slot is spent
                     break
                 self._filling_since = self._paced_until = None
-                self._last_left = time.monotonic()
+                self._last_left, self._last_size = time.monotonic(), len(commands)
                 task = asyncio.create_task(self._send(commands))
                 self._in_flight[task] = self._last_left
                 task.add_done_callback(self._request_done)
@@ -209,15 +211,16 @@ class Transport:
 
     def _filling(self, full: bool) -> bool:
         """Whether a request should wait to fill: it is not full, and either the last request
-        left less than `min_gap_s` ago, or less of the bucket is free than
-        `FILL_BELOW_FREE_SHARE` and it has not waited as long as the bucket takes to free a slot
-        (`_fill_wait_s`)."""
+        carried several commands (there is a flow to wait for: a look-up and the write that
+        follows it at light load carry one each) and left less than `min_gap_s` ago, or less
+        of the bucket is free than `FILL_BELOW_FREE_SHARE` and it has not waited as long as the
+        bucket takes to free a slot (`_fill_wait_s`)."""
         if full:
             self._filling_since = self._paced_until = None
             return False
         now = time.monotonic()
         paced_until = self._last_left + self._min_gap_s
-        if now < paced_until:
+        if self._last_size > 1 and now < paced_until:
             self._paced_until = paced_until
             return True
         self._paced_until = None
