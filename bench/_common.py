@@ -23,6 +23,7 @@ import psutil
 
 from b24sync.core.db import asyncpg_dsn
 from b24sync.core.migrate import upgrade_head
+from b24sync.settings import Settings
 
 RESULTS = Path(__file__).parent / "results"
 DATABASE_URL = os.environ.get(
@@ -42,10 +43,16 @@ def add_core_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the outbox relay in a process of its own (OUTBOX_RELAY_PROCESS)",
     )
     parser.add_argument(
-        "--create-groups", type=int, default=2, help="Core's CREATE_GROUPS_IN_FLIGHT"
+        "--create-groups",
+        type=int,
+        default=Settings.model_fields["create_groups_in_flight"].default,
+        help="Core's CREATE_GROUPS_IN_FLIGHT",
     )
     parser.add_argument(
-        "--change-groups", type=int, default=2, help="Core's CHANGE_GROUPS_IN_FLIGHT"
+        "--change-groups",
+        type=int,
+        default=Settings.model_fields["change_groups_in_flight"].default,
+        help="Core's CHANGE_GROUPS_IN_FLIGHT",
     )
     parser.add_argument("--log-level", default="INFO", help="Core's LOG_LEVEL")
 

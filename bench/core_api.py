@@ -10,7 +10,7 @@ The outbox's backlog (events not yet published, and the age of the oldest) is sa
 that falls behind does not make a request look cheaper.
 
     .venv/bin/python bench/core_api.py [--connections 16] [--seconds 10] [--mix create|mixed]
-                                         [--workers 1] [--create-groups 2] [--relay-process]
+                                         [--workers 1] [--create-groups 1] [--relay-process]
 """
 
 from __future__ import annotations

@@ -38,8 +38,9 @@ from b24sync.settings import Settings
 log = get_logger(__name__)
 
 RETRY_PAUSE_S = 1.0
-# Groups of replies being applied at once: one fills while the other commits.
-GROUPS_IN_FLIGHT = 2
+# Groups of replies being applied at once: replies that arrive while one commits make the
+# next one fuller (measured cheaper per reply than two at a time).
+GROUPS_IN_FLIGHT = 1
 _LOGGED_BODY_CHARS = 2000
 # SQLSTATEs of a transaction PostgreSQL rolled back for a conflict with another (serialization
 # failure, deadlock): the same reply applies once tried again.
