@@ -121,13 +121,13 @@ class Transport:
         self._in_flight: dict[asyncio.Task[None], float] = {}
         # Since when a request that is not full has been waiting to fill (see `_filling`).
         self._filling_since: float | None = None
-        # When the last request left and how many commands it carried; until when one that is
-        # not full waits for the gap.
+        # When the last request left and how many commands it carried (see `_filling`).
         self._last_left = -math.inf
         self._last_size = 0
-        self._paced_until: float | None = None
-        # When `_may_send` last looked at the clock (see `_wake_later`).
+        # When `_may_send` last looked at the clock, and what it counted ready then (0 with no
+        # room for a request): the decision `_wake_later` arms its timer for.
         self._checked_at = 0.0
+        self._ready = 0
         self._wake = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.Task[None] | None = None
@@ -177,7 +177,7 @@ class Transport:
                 commands = self._take()
                 if not commands:  # what was due went away meanwhile; the slot is spent
                     break
-                self._filling_since = self._paced_until = None
+                self._filling_since = None
                 self._last_left, self._last_size = time.monotonic(), len(commands)
                 task = asyncio.create_task(self._send(commands))
                 self._in_flight[task] = self._last_left
@@ -191,9 +191,10 @@ class Transport:
 
     def _may_send(self) -> bool:
         self._checked_at = time.monotonic()
+        self._ready = 0
         if len(self._in_flight) >= self._max_in_flight:
             return False
-        ready = self._ready_count()
+        self._ready = ready = self._ready_count()
         if ready == 0:
             return False
         full = ready >= self._max_commands
@@ -216,14 +217,11 @@ class Transport:
         of the bucket is free than `FILL_BELOW_FREE_SHARE` and it has not waited as long as the
         bucket takes to free a slot (`_fill_wait_s`)."""
         if full:
-            self._filling_since = self._paced_until = None
+            self._filling_since = None
             return False
         now = time.monotonic()
-        paced_until = self._last_left + self._min_gap_s
-        if self._last_size > 1 and now < paced_until:
-            self._paced_until = paced_until
+        if self._last_size > 1 and now < self._last_left + self._min_gap_s:
             return True
-        self._paced_until = None
         if self._client.bucket_free_share() >= FILL_BELOW_FREE_SHARE:
             self._filling_since = None
             return False
@@ -275,20 +273,21 @@ class Transport:
 
     def _wake_later(self) -> None:
         """Wakes the loop when commands held back may leave: when the first command waiting
-        out a limit is due, when the requests out stall, or when a request has waited long
-        enough to fill. A moment is missed only if `_may_send` saw it pass: one that passed
-        since it looked wakes the loop at once."""
+        out a limit is due, when the requests out stall, when the gap after the last request
+        ends, or when a request has waited long enough to fill. It arms the timer for the
+        decision `_may_send` just made (what it counted ready, when it looked): a moment is
+        missed only if `_may_send` saw it pass, one that passed since wakes the loop at once."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         now = self._checked_at
         moments = [command.not_before for command in (*self._first, *self._rest)]
-        if self._in_flight and self._ready_count():
+        if self._ready and self._in_flight:
             moments.append(max(self._in_flight.values()) + self._stall_s)
+        elif self._ready and self._last_size > 1:
+            moments.append(self._last_left + self._min_gap_s)
         if self._filling_since is not None:
             moments.append(self._filling_since + self._fill_wait_s())
-        if self._paced_until is not None:
-            moments.append(self._paced_until)
         later = [moment for moment in moments if moment > now]
         if later:
             delay_s = max(0.0, min(later) - time.monotonic())
