@@ -5,7 +5,8 @@ subprocesses with their defaults, on queues and a Redis prefix of their own; thi
 publishes events as Core would (message ids, versions, `changed`, the lead id once known) and
 times each one until its reply. Scenarios:
 
-- `plan` (default): N new users at once, then N updates of them (new phone and stage), on
+- `plan` (default): N new users at once (or `--rate` a second, evenly: a steady state), then N
+  updates of them (new phone and stage), on
   `--plan standard|enterprise|unlimited` (the emulator's limit follows the plan; `unlimited`
   turns it off). Rates overall and sustained after the burst (over the second half of the
   replies), limit answers, attempts, duplicate leads, the service's CPU per event, and Redis
@@ -21,7 +22,7 @@ times each one until its reply. Scenarios:
 - `changes`: N users each changed 5 times in quick succession: how many writes Bitrix24 got.
 
     .venv/bin/python bench/bitrix_throughput.py [--scenario plan] [--plan standard]
-                                                 [--events 5000] [--redis]
+                                                 [--events 5000] [--rate N] [--redis]
 """
 
 from __future__ import annotations
@@ -90,9 +91,13 @@ def event(
 class Bench:
     """Publishes events and collects their replies by message id."""
 
-    def __init__(self, queue: str, reply_queue: str) -> None:
+    def __init__(self, queue: str, reply_queue: str, rate: float | None = None) -> None:
         self.queue = queue
         self.reply_queue = reply_queue
+        # Events a second, evenly spaced (None: as fast as RabbitMQ confirms them).
+        self.rate = rate
+        self._paced_from = 0.0
+        self._paced = 0
         self.sent: dict[str, float] = {}
         self.answered: dict[str, float] = {}
         self.replies: dict[str, dict[str, Any]] = {}
@@ -123,6 +128,12 @@ class Bench:
 
     async def publish(self, body: dict[str, Any]) -> str:
         assert self._channel is not None
+        if self.rate:
+            if not self._paced:
+                self._paced_from = time.perf_counter()
+            self._paced += 1
+            due = self._paced_from + self._paced / self.rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
         message_id = str(uuid4())
         self.sent[message_id] = time.perf_counter()
         await self._channel.default_exchange.publish(
@@ -360,7 +371,7 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
         bitrix = system.bitrix[0]
 
         async def scenario() -> dict[str, Any]:
-            bench = Bench(system.queue, system.reply_queue)
+            bench = Bench(system.queue, system.reply_queue, args.rate)
             async with bench.open():
                 cpu = cpu_seconds(bitrix)
                 created = await create_users(bench, range(1, args.events + 1))
@@ -537,6 +548,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=5000)
     parser.add_argument("--gap", default="1,60", help="light: seconds between changes, low,high")
     parser.add_argument("--redis", action="store_true", help="count Redis commands per event")
+    parser.add_argument(
+        "--rate", type=float, help="plan: publish this many events a second, evenly (steady state)"
+    )
     parser.add_argument("--timeout", type=float, default=900.0)
     args = parser.parse_args()
 
@@ -550,7 +564,8 @@ def main() -> None:
         "wall_s": round(time.time() - started, 1),
         "cpu_speed_check_ms": [speed_before, cpu_speed_ms()],
     }
-    write_result(f"bitrix_{args.scenario}_{args.plan}_{args.events}", result)
+    paced = f"_at_{args.rate:g}_per_s" if args.rate else ""
+    write_result(f"bitrix_{args.scenario}_{args.plan}_{args.events}{paced}", result)
 
 
 if __name__ == "__main__":

@@ -118,3 +118,27 @@ async def test_a_flush_with_the_wrong_number_of_results_fails_its_callers() -> N
     coalescer = Coalescer(short, max_in_flight=1, max_items=10)
     with pytest.raises(RuntimeError, match="0 results for 1 items"):
         await coalescer.submit(1)
+
+
+async def test_with_a_gap_a_group_after_a_full_one_waits_unless_it_fills() -> None:
+    recorder = Recorder(held=True)
+    coalescer = Coalescer(recorder.flush, max_in_flight=1, max_items=3, gap_s=0.3)
+    calls = await submitted(coalescer, [1, 2, 3])
+    assert recorder.groups == [[1]]  # alone after a quiet spell: at once
+    recorder.gate.set()
+    assert await asyncio.gather(*calls) == [10, 20, 30]
+    assert recorder.groups == [[1], [2, 3]]  # the pair left at once: the group before was one
+
+    # After the pair, a lone item waits out the gap and takes in what comes meanwhile...
+    calls = await submitted(coalescer, [4])
+    await asyncio.sleep(0.1)
+    calls += await submitted(coalescer, [5])
+    assert recorder.groups == [[1], [2, 3]]
+    assert await asyncio.gather(*calls) == [40, 50]
+    assert recorder.groups[-1] == [4, 5]
+
+    # ... while a full group leaves at once.
+    started = asyncio.get_running_loop().time()
+    assert await asyncio.gather(*await submitted(coalescer, [6, 7, 8])) == [60, 70, 80]
+    assert recorder.groups[-1] == [6, 7, 8]
+    assert asyncio.get_running_loop().time() - started < 0.2

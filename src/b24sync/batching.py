@@ -4,8 +4,10 @@ itself.
 
 A :class:`Coalescer` runs a group as soon as fewer than ``max_in_flight`` groups are running,
 so at low load every item goes out alone, at once, and under load the items that arrive while
-the running groups are out wait and leave together in the next one. No timer is involved: an
-item never waits for company, only for a free slot.
+the running groups are out wait and leave together in the next one. By default no timer is
+involved: an item never waits for company, only for a free slot. With ``gap_s``, a group that
+follows one of several items (load) and is not full waits until ``gap_s`` after that one
+started, to leave fuller; a lone item after a quiet spell still leaves at once.
 """
 
 from __future__ import annotations
@@ -34,33 +36,58 @@ class Coalescer(Generic[T, R]):
         max_in_flight: int,
         max_items: int,
         retry_alone: Callable[[BaseException], bool] = lambda _: False,
+        gap_s: float = 0.0,
     ) -> None:
         self._flush = flush
         self._max_in_flight = max(1, max_in_flight)
         self._max_items = max(1, max_items)
         self._retry_alone = retry_alone
+        self._gap_s = gap_s
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._running: set[asyncio.Task[None]] = set()
+        # When the last group started (loop time) and how many items it took.
+        self._last_start = 0.0
+        self._last_size = 0
+        self._timer: asyncio.TimerHandle | None = None
 
     async def submit(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
-        if len(self._running) < self._max_in_flight:
-            self._start_group()
+        self._start_ready()
         # A caller that gives up only stops waiting: its item may still be written.
         return await future
+
+    def _start_ready(self) -> None:
+        """Starts the next group if a slot is free and it need not wait out the gap; else,
+        with a slot free, arms the timer for the gap's end."""
+        if not self._waiting or len(self._running) >= self._max_in_flight:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._last_start + self._gap_s if self._last_size > 1 else 0.0
+        if len(self._waiting) >= self._max_items or loop.time() >= due:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._start_group()
+        elif self._timer is None:
+            self._timer = loop.call_at(due, self._gap_over)
+
+    def _gap_over(self) -> None:
+        self._timer = None
+        self._start_ready()
 
     def _start_group(self) -> None:
         group = self._waiting[: self._max_items]
         del self._waiting[: self._max_items]
+        self._last_start = asyncio.get_running_loop().time()
+        self._last_size = len(group)
         task = asyncio.create_task(self._run(group))
         self._running.add(task)
         task.add_done_callback(self._group_done)
 
     def _group_done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
-        if self._waiting and len(self._running) < self._max_in_flight:
-            self._start_group()
+        self._start_ready()
 
     async def _run(self, group: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:

@@ -122,9 +122,10 @@ class Settings(BaseSettings):
     bitrix_batch_size: int = 50
     # Requests one process has out at once: a request that hangs holds only its own commands.
     bitrix_requests_in_flight: int = 4
-    # BullMQ jobs one process holds at once, waiting in the sync engine to be merged per user
-    # and sent in batches. After a kill -9 they come back to the queue as stalled jobs.
-    bitrix_max_jobs: int = 5000
+    # BullMQ jobs one process holds at once, each carrying up to rabbitmq_prefetch events that
+    # wait in the sync engine to be merged per user and sent in batches. After a kill -9 they
+    # come back to the queue as stalled jobs.
+    bitrix_max_jobs: int = 200
     # An event body larger than this is refused (a real one is well under 1 KB).
     bitrix_event_max_bytes: int = 16384
     shutdown_timeout_s: float = 25.0

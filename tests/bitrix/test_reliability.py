@@ -14,8 +14,10 @@ from bullmq import Queue
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
-from b24sync.bitrix.jobs import JOB_NAME, JobPayload, job_options
-from b24sync.bitrix.main import BitrixService
+from b24sync.bitrix.jobs import JOB_NAME, JobPayload, QueuedEvent, job_options
+from b24sync.bitrix.main import BitrixService, key_prefix
+from b24sync.bitrix.marks import EventMarks
+from b24sync.bitrix.state import UserLeases, UserState
 from b24sync.contracts.messages import Event
 from b24sync.settings import Settings
 from tests.conftest import eventually
@@ -74,6 +76,7 @@ async def test_a_redelivery_without_message_id_does_not_make_a_second_job(
     admin: Admin,
     settings: Settings,
     fast_settings: Settings,
+    redis_client: Redis,
 ) -> None:
     """A consumer added the job and died before the ack: RabbitMQ redelivers the message."""
     body = event("create_card", 12, reply_queue=settings.rabbitmq_reply_queue)
@@ -87,11 +90,14 @@ async def test_a_redelivery_without_message_id_does_not_make_a_second_job(
             "defaultJobOptions": job_options(fast_settings),
         },
     )
-    payload = JobPayload(event=Event.model_validate(body))
-    # Delayed, so that the job still waits when the redelivery comes, however soon the
-    # service's worker starts (a job that finished gives way to its event sent again).
-    job_id = hashlib.sha256(raw).hexdigest()
-    await queue.add(JOB_NAME, payload.wire(), {"jobId": job_id, "delay": 1500})
+    # The dead consumer marked the event for its job and added the job. Delayed, so that the
+    # job still waits when the redelivery comes, however soon the service's worker starts.
+    key = hashlib.sha256(raw).hexdigest()
+    payload = JobPayload(events=[QueuedEvent(event=Event.model_validate(body), key=key)])
+    assert (
+        await EventMarks(redis_client, f"{key_prefix(settings)}:events").mark("dead", [key]) == {}
+    )
+    await queue.add(JOB_NAME, payload.wire(), {"jobId": "dead", "delay": 1500})
     await queue.close()
     # The dead consumer's delivery: taken, never acknowledged, so it comes back redelivered.
     connection = await aio_pika.connect(settings.rabbitmq_url)
@@ -107,6 +113,46 @@ async def test_a_redelivery_without_message_id_does_not_make_a_second_job(
     await bus.assert_no_reply(within=1.0)
     assert len(await admin.leads()) == 1
     assert await bus.pending_events() == 0
+
+
+async def test_a_job_answers_each_event_once_and_keeps_only_those_not_done(
+    start_service: ServiceFactory,
+    portal: object,
+    bus: Bus,
+    admin: Admin,
+    settings: Settings,
+    redis_client: Redis,
+) -> None:
+    """A job of two events, the second one's user being written by another process."""
+    other = UserLeases(redis_client, key_prefix(settings), owner="other", ttl_ms=1500)
+    assert await other.take([42]) == {42: UserState(None, None)}
+    keys = ["evt-41", "evt-42"]
+    events = [
+        QueuedEvent(
+            event=Event.model_validate(
+                event("create_card", user_id, reply_queue=settings.rabbitmq_reply_queue)
+            ),
+            message_id=key,
+            key=key,
+        )
+        for user_id, key in zip((41, 42), keys, strict=True)
+    ]
+    marks = EventMarks(redis_client, f"{key_prefix(settings)}:events")
+    assert await marks.mark("pair", keys) == {}
+    queue = Queue(
+        settings.bullmq_queue, {"connection": settings.redis_url, "prefix": settings.bullmq_prefix}
+    )
+    await queue.add(JOB_NAME, JobPayload(events=events).wire(), {"jobId": "pair"})
+    await queue.close()
+    await start_service(user_busy_delay_ms=200)
+
+    # The first is answered at once; the job keeps only the second, until the lease runs out.
+    assert (await bus.reply_message()).correlation_id == "evt-41"
+    assert (await bus.reply_message(wait_s=10)).correlation_id == "evt-42"
+    await bus.assert_no_reply(within=1.0)
+    assert sorted(lead["ORIGIN_ID"] for lead in await admin.leads()) == ["41", "42"]
+    # Both answered: were they to come again, they would run again.
+    assert await marks.mark("again", keys) == {}
 
 
 async def test_a_fresh_message_with_an_old_body_is_a_new_event(

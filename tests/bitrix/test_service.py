@@ -145,7 +145,8 @@ async def test_redis_keys_live_under_the_prefix(
         and await redis_client.hexists(k, "data")
     ]
     job = await redis_client.hgetall(job_key)
-    assert json.loads(job["data"])["event"]["data"]["user"]["id"] == 2
+    (queued,) = json.loads(job["data"])["events"]
+    assert queued["event"]["data"]["user"]["id"] == 2
     assert "/rest/" not in json.dumps(job)
     assert settings.portal_webhook.get_secret_value() not in json.dumps(job)
 

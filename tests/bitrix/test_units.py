@@ -10,7 +10,7 @@ import pytest
 from b24sync.bitrix.client import BitrixError, is_transient
 from b24sync.bitrix.consumer import RejectedEvent, check, parse, reply_target
 from b24sync.bitrix.engine import fields_of
-from b24sync.bitrix.jobs import describe_failure, retry_delay_ms
+from b24sync.bitrix.jobs import JobPayload, describe_failure, retry_delay_ms
 from b24sync.bitrix.leads import Lead, LeadFields, phone_entries, split_name
 from b24sync.contracts.messages import Action, Event, UserField, UserPayload
 from b24sync.settings import Settings
@@ -220,3 +220,14 @@ def test_deep_nesting_and_long_values_are_refused_readably() -> None:
     with pytest.raises(RejectedEvent) as caught:
         parse(json.dumps({"pattern": "x" * 100_000, "data": {}}).encode())
     assert len(str(caught.value)) < 300
+
+
+def test_a_job_queued_before_jobs_carried_groups_reads_as_a_group_of_one() -> None:
+    payload = JobPayload.model_validate({"event": SEED_CREATE, "message_id": "evt-1"})
+    (queued,) = payload.events
+    assert (queued.event, queued.message_id, queued.key) == (
+        Event.model_validate(SEED_CREATE),
+        "evt-1",
+        "",
+    )
+    assert JobPayload.model_validate(payload.wire()) == payload

@@ -2,13 +2,14 @@
 
 Messages are read in queue order and acknowledged only once their job is in Redis (or once a
 bad message has been answered): whatever a message holds, its handling ends in an
-acknowledgement. Jobs are added in the order the messages came, those of messages that arrive
-while an add is out together in the next one (one pipeline to check their ids, one to add
-them), so a burst costs a few round trips, not a few per event. The job id is the AMQP
-`message_id`, so a redelivery after a crash between the add and the ack finds the job already
-there, while an event sent again after its job finished (Core resends an event whose reply was
-lost) runs again. Producers that send no `message_id` (the seed's NestJS Core) get a job id
-derived from the body; see `_job_ids`.
+acknowledgement. One job carries the events that arrived while the previous add was out, and
+under load during a short gap after it (up to the prefetch), so BullMQ's cost of a job is
+shared by them: two script calls add a group.
+Each event is marked in Redis with its job's id under its key, the AMQP `message_id` (see
+`marks.EventMarks`): a redelivery after a crash between the add and the ack finds its event
+held and makes no second job, while an event sent again after its answer (Core resends an
+event whose reply was lost) runs again. Producers that send no `message_id` (the seed's NestJS
+Core) get a key derived from the body; see `_place`.
 
 What the service refuses, it answers with an error reply when it can tell whom about: bodies
 that are no JSON or nested too deeply, larger than `bitrix_event_max_bytes`, fields beyond the
@@ -33,7 +34,8 @@ from redis.exceptions import RedisError
 
 from b24sync.batching import Coalescer
 from b24sync.bitrix import metrics
-from b24sync.bitrix.jobs import JOB_NAME, JobPayload
+from b24sync.bitrix.jobs import JOB_NAME, JobPayload, QueuedEvent
+from b24sync.bitrix.marks import EventMarks
 from b24sync.bitrix.replies import ReplySender
 from b24sync.contracts.messages import (
     ACTION_BY_PATTERN,
@@ -52,6 +54,10 @@ log = get_logger(__name__)
 
 MISSING_PHONE = "Missing phone number"
 MISSING_STAGE = "Missing stage"
+# Under load, a job is added no sooner than this after the one before unless it is full: a
+# job's Redis cost is shared by its events, and under load its events wait longer than this in
+# the queue anyway. A lone event after a quiet spell is added at once.
+JOB_FILL_GAP_S = 0.2
 # Longest event or value a log line carries.
 LOGGED_CHARS = 1000
 QUOTED_CHARS = 100
@@ -66,21 +72,28 @@ class RejectedEvent(Exception):
         self.raw = raw
 
 
-# A job to add: its message and its data.
-NewJob = tuple[AbstractIncomingMessage, JobPayload]
+# An event to queue, and the message it came in.
+NewEvent = tuple[AbstractIncomingMessage, Event]
 
 
 class EventConsumer:
-    def __init__(self, settings: Settings, queue: Queue, replies: ReplySender) -> None:
+    def __init__(
+        self, settings: Settings, queue: Queue, marks: EventMarks, replies: ReplySender
+    ) -> None:
         self._settings = settings
         self._queue = queue
+        self._marks = marks
         self._replies = replies
         self._connection: AbstractRobustConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._handling: set[asyncio.Task[None]] = set()
-        # One add out at a time: groups leave in the order their messages came.
-        self._adds: Coalescer[NewJob, tuple[str, bool]] = Coalescer(
-            self._add_jobs, max_in_flight=1, max_items=max(1, settings.rabbitmq_prefetch)
+        # One add out at a time: jobs are added in the order their messages came. Under load
+        # a job waits up to JOB_FILL_GAP_S after the one before to take in more events.
+        self._adds: Coalescer[NewEvent, tuple[str, bool]] = Coalescer(
+            self._add_jobs,
+            max_in_flight=1,
+            max_items=max(1, settings.rabbitmq_prefetch),
+            gap_s=JOB_FILL_GAP_S,
         )
 
     @property
@@ -189,75 +202,84 @@ class EventConsumer:
             return
         data = event.data.model_copy(update={"reply_queue": self._settings.rabbitmq_reply_queue})
         event = event.model_copy(update={"data": data})
-        await self._enqueue(message, JobPayload(event=event, message_id=message.message_id or None))
+        await self._enqueue(message, event)
 
-    async def _enqueue(self, message: AbstractIncomingMessage, payload: JobPayload) -> None:
-        job_id, added = await self._adds.submit((message, payload))
+    async def _enqueue(self, message: AbstractIncomingMessage, event: Event) -> None:
+        job_id, added = await self._adds.submit((message, event))
         if not added:
             metrics.EVENTS.labels(outcome="duplicate").inc()
-            log.info(f"[Bitrix] Job {job_id} is already in the queue; duplicate dropped")
+            log.info(f"[Bitrix] Job {job_id} already holds this event; duplicate dropped")
             return
         metrics.EVENTS.labels(outcome="queued").inc()
         log.info(f"[Bitrix] Job added to queue with ID: {job_id}")
 
-    async def _add_jobs(self, jobs: list[NewJob]) -> list[tuple[str, bool]]:
-        """Adds the jobs, in order, unless they exist: each one's job id and whether it was
-        added (not a duplicate). Waits out Redis outages: the messages stay unacknowledged
-        meanwhile, so nothing is lost and a shutdown hands them back to RabbitMQ."""
+    async def _add_jobs(self, events: list[NewEvent]) -> list[tuple[str, bool]]:
+        """Adds one job for the events that no live job holds yet, in the order they came:
+        for each event, the id of the job that holds it and whether that is the new one (not
+        a duplicate). Waits out Redis outages: the messages stay unacknowledged meanwhile, so
+        nothing is lost and a shutdown hands them back to RabbitMQ."""
+        job_id = uuid4().hex
         delay_s = 0.5
         while True:
             try:
-                job_ids = await self._job_ids([message for message, _ in jobs])
+                placed = await self._place(job_id, [message for message, _ in events])
                 new = [
-                    (job_id, payload)
-                    for (job_id, added), (_, payload) in zip(job_ids, jobs, strict=True)
+                    QueuedEvent(event=event, message_id=message.message_id or None, key=key)
+                    for (message, event), (key, _, added) in zip(events, placed, strict=True)
                     if added
                 ]
-                await self._queue.addBulk(
-                    [
-                        {"name": JOB_NAME, "data": payload.wire(), "opts": {"jobId": job_id}}
-                        for job_id, payload in new
-                    ]
-                )
-                return job_ids
+                if new:
+                    await self._queue.add(
+                        JOB_NAME, JobPayload(events=new).wire(), {"jobId": job_id}
+                    )
+                return [(holder, added) for _, holder, added in placed]
             except (RedisError, OSError) as exc:
                 log.error(f"[Bitrix] Could not queue jobs ({exc}); retrying in {delay_s}s")
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 10.0)
 
-    async def _job_ids(self, messages: list[AbstractIncomingMessage]) -> list[tuple[str, bool]]:
-        """The id of each message's job, and False when that job exists and is this very
-        event (a redelivery while it waits, is delayed or runs).
+    async def _place(
+        self, job_id: str, messages: list[AbstractIncomingMessage]
+    ) -> list[tuple[str, str, bool]]:
+        """Each message's event key, the job that holds the event, and whether that is the
+        new job `job_id` (False: a duplicate of an event a live job, or an earlier message of
+        the group, holds already).
 
-        The id is the message id. Without one, only a redelivery (flagged by RabbitMQ) can
+        The key is the message id. Without one, only a redelivery (flagged by RabbitMQ) can
         repeat a message we have seen: a fresh delivery with the body of an earlier one is a
-        new event (a user changed back and forth) and gets an id of its own, or it would be
-        lost. A job that finished gives way to its event sent again (its reply was lost)."""
-        wanted = [
-            message.message_id or hashlib.sha256(message.body).hexdigest() for message in messages
-        ]
-        async with self._queue.client.pipeline(transaction=False) as pipe:
-            for job_id in wanted:
-                pipe.exists(self._queue.toKey(job_id))
-            existing = [bool(found) for found in await pipe.execute()]
-        job_ids: list[tuple[str, bool]] = []
-        taken: set[str] = set()
-        for message, job_id, exists in zip(messages, wanted, existing, strict=True):
-            if not message.message_id and not message.redelivered and (exists or job_id in taken):
-                job_id, exists = f"{job_id}-{uuid4().hex[:12]}", False
-            added = job_id not in taken and (not exists or await self._finished(job_id))
-            taken.add(job_id)
-            job_ids.append((job_id, added))
-        return job_ids
+        new event (a user changed back and forth) and gets a key of its own, or it would be
+        lost. The keys depend only on the messages and `job_id`, so a retried add marks the
+        same ones."""
+        keys: list[str] = []
+        for index, message in enumerate(messages):
+            key = message.message_id or hashlib.sha256(message.body).hexdigest()
+            if key in keys and _new_copy(message):
+                key = f"{key}-{job_id}-{index}"
+            keys.append(key)
+        held = await self._marks.mark(job_id, list(dict.fromkeys(keys)))
+        holders: dict[str, str] = {}
+        placed: list[tuple[str, str, bool]] = []
+        taken_over: list[str] = []
+        for index, (message, key) in enumerate(zip(messages, keys, strict=True)):
+            if key in holders:  # a copy of an earlier message of the group
+                placed.append((key, holders[key], False))
+                continue
+            holder = held.get(key)
+            if holder is not None and _new_copy(message):
+                key, holder = f"{key}-{job_id}-{index}", None
+                taken_over.append(key)
+            elif holder is not None and not await self._live(holder):
+                log.info(f"[Bitrix] Job {holder} had finished; its event came again, running it")
+                taken_over.append(key)
+                holder = None
+            holders[key] = holder or job_id
+            placed.append((key, holders[key], holder is None))
+        await self._marks.take_over(job_id, taken_over)
+        return placed
 
-    async def _finished(self, job_id: str) -> bool:
-        """Whether the existing job finished; if so it is removed, for its event to run again."""
-        state = await self._queue.getJobState(job_id)
-        if state not in ("completed", "failed"):
-            return bool(state == "unknown")
-        await self._queue.remove(job_id)
-        log.info(f"[Bitrix] Job {job_id} had finished; its event came again, running it again")
-        return True
+    async def _live(self, job_id: str) -> bool:
+        """Whether the job still waits, is delayed or runs."""
+        return await self._queue.getJobState(job_id) not in ("completed", "failed", "unknown")
 
     async def _reply_rejected(self, rejected: RejectedEvent, message_id: str | None) -> None:
         """The error reply for a message that makes no job, when it names a user to reply about
@@ -279,6 +301,11 @@ class EventConsumer:
             await self._replies.send(queue, data, correlation_id=message_id or None)
         except Exception as exc:
             log.error(f"[Bitrix] Could not send the error reply to {queue}: {exc}")
+
+
+def _new_copy(message: AbstractIncomingMessage) -> bool:
+    """A first delivery without a message id: a body seen before is a new event all the same."""
+    return not message.message_id and not message.redelivered
 
 
 def _readable(body: bytes) -> Any:

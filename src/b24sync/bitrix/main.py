@@ -20,6 +20,7 @@ from b24sync.bitrix.engine import SyncEngine
 from b24sync.bitrix.http import create_app
 from b24sync.bitrix.jobs import JobHandler, attach_job_logging, job_options
 from b24sync.bitrix.leads import LeadFields
+from b24sync.bitrix.marks import EventMarks
 from b24sync.bitrix.portal_check import PortalCheck
 from b24sync.bitrix.ratelimit import RateLimiter
 from b24sync.bitrix.replies import ReplySender
@@ -146,7 +147,8 @@ class BitrixService:
             settings.bullmq_queue,
             {**bullmq_connection, "defaultJobOptions": job_options(settings)},
         )
-        handler = JobHandler(settings, engine=self._engine, replies=replies)
+        marks = EventMarks(self._redis, f"{self.key_prefix}:events")
+        handler = JobHandler(settings, engine=self._engine, marks=marks, replies=replies)
         self._worker = create_worker(
             settings.bullmq_queue,
             handler,
@@ -160,7 +162,7 @@ class BitrixService:
         attach_job_logging(self._worker, handler)
         self._worker_task = asyncio.create_task(run_worker(self._worker, settings.bitrix_max_jobs))
 
-        self._consumer = EventConsumer(settings, self._queue, replies)
+        self._consumer = EventConsumer(settings, self._queue, marks, replies)
         await self._consumer.start()
         self._http = EmbeddedServer(
             create_app(self.readiness, settings.bitrix_http_token),

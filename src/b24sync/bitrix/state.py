@@ -17,13 +17,15 @@ from redis.asyncio import Redis
 
 # KEYS: lease and state key of each user, in pairs; ARGV: owner, ttl in ms. For each user,
 # {1, lead_id, version} when the lease is ours now (taken, or ours already), {0} when another
-# process holds it.
+# process holds it. A free lease costs one SET (NX ... GET tells who held it) and one HMGET.
 _TAKE = """
 local out = {}
 for i = 1, #KEYS, 2 do
-  local holder = redis.call('GET', KEYS[i])
+  local holder = redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')
+  if holder == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  end
   if holder == false or holder == ARGV[1] then
-    redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
     local state = redis.call('HMGET', KEYS[i + 1], 'lead_id', 'version')
     out[#out + 1] = {1, state[1] or '', state[2] or ''}
   else
@@ -35,22 +37,35 @@ return out
 
 # KEYS: lease and state key of each user, in pairs; ARGV[1] owner, then per user four values:
 # lead id ('' to keep), version ('' to keep), '1' when the version is forced (written even if
-# lower), '1' to release the lease. The version only grows unless forced, so a late old event
-# never lowers it; a lease is released only while it is still ours.
+# lower), '1' to release the lease. While the lease is ours, nobody else wrote the user since
+# it was taken, and the engine writes no version below the one it read then unless forced: the
+# version is set as it comes. A lease that ran out during the write may have let another
+# process apply a newer version, so then the version only grows (a late old event never
+# lowers it). A lease is released only while it is still ours.
 _FINISH = """
 for i = 1, #KEYS, 2 do
   local at = 2 + (i - 1) * 2
   local lead_id, version, forced, release = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
-  if lead_id ~= '' then
-    redis.call('HSET', KEYS[i + 1], 'lead_id', lead_id)
-  end
-  if version ~= '' then
+  local ours = redis.call('GET', KEYS[i]) == ARGV[1]
+  if version ~= '' and not ours and forced ~= '1' then
     local current = tonumber(redis.call('HGET', KEYS[i + 1], 'version'))
-    if forced == '1' or current == nil or tonumber(version) > current then
-      redis.call('HSET', KEYS[i + 1], 'version', version)
+    if current ~= nil and tonumber(version) <= current then
+      version = ''
     end
   end
-  if release == '1' and redis.call('GET', KEYS[i]) == ARGV[1] then
+  local fields = {}
+  if lead_id ~= '' then
+    fields[#fields + 1] = 'lead_id'
+    fields[#fields + 1] = lead_id
+  end
+  if version ~= '' then
+    fields[#fields + 1] = 'version'
+    fields[#fields + 1] = version
+  end
+  if #fields > 0 then
+    redis.call('HSET', KEYS[i + 1], unpack(fields))
+  end
+  if release == '1' and ours then
     redis.call('DEL', KEYS[i])
   end
 end

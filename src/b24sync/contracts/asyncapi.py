@@ -33,9 +33,9 @@ _NO_PHONE = {"id": 123, "full_name": "Пользователь без телеф
 _EVENT_PROPERTIES = {
     "message_id": {
         "type": "string",
-        "description": "The outbox event's id, unique per event; the Bitrix service uses it as "
-        "the BullMQ job id, so a redelivery makes no second job. Absent from the original "
-        "NestJS Core's messages.",
+        "description": "The outbox event's id, unique per event; the Bitrix service marks the "
+        "event under it for the BullMQ job that carries it, so a redelivery makes no second "
+        "job. Absent from the original NestJS Core's messages.",
     },
     "content_type": {"type": "string", "const": "application/json"},
     "delivery_mode": {"type": "integer", "const": 2, "description": "Persistent."},
@@ -240,7 +240,7 @@ def document() -> dict[str, Any]:
             },
             "sendReply": {
                 "action": "send",
-                "title": "The Bitrix service answers an event once its job is done",
+                "title": "The Bitrix service answers an event once it is written or failed",
                 "channel": {"$ref": "#/channels/bitrix_responses"},
                 "messages": [{"$ref": "#/channels/bitrix_responses/messages/reply"}],
             },

@@ -10,7 +10,8 @@ from b24sync.core.sync.schemas import SyncOverview
 
 
 class JobCounts(BaseModel):
-    """The Bitrix service's BullMQ queue."""
+    """The Bitrix service's BullMQ queue. A job carries the events that reached the service
+    together, up to RABBITMQ_PREFETCH of them."""
 
     waiting: int = Field(description="jobs waiting for a worker")
     active: int = Field(description="jobs a worker holds")
