@@ -11,12 +11,12 @@ EVENTS = Counter(
 )
 JOBS = Counter(
     "b24sync_bitrix_jobs_total",
-    "Job attempts by outcome: success, skipped, retry, error, delayed.",
+    "Events' attempts by outcome: success, skipped, retry, error, delayed.",
     ["outcome"],
 )
 JOB_ATTEMPTS = Histogram(
     "b24sync_bitrix_job_attempts",
-    "Attempts a job took until its final reply.",
+    "Attempts an event took until its final reply.",
     buckets=(1, 2, 3, 4, 5, 10),
 )
 API_CALLS = Counter(
