@@ -57,7 +57,7 @@ MISSING_STAGE = "Missing stage"
 # Under load, a job is added no sooner than this after the one before unless it is full: a
 # job's Redis cost is shared by its events, and under load its events wait longer than this in
 # the queue anyway. A lone event after a quiet spell is added at once.
-JOB_FILL_GAP_S = 0.2
+JOB_FILL_GAP_S = 0.3
 # Longest event or value a log line carries.
 LOGGED_CHARS = 1000
 QUOTED_CHARS = 100
