@@ -13,11 +13,31 @@ started, to leave fuller; a lone item after a quiet spell still leaves at once.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+class LoadGap:
+    """The pace of groups under load: once a group of several items has left, the next one
+    that is not full leaves no sooner than `gap_s` after it; after a lone item (no load), at
+    once. Shared by the coalescer and the Bitrix transport's requests."""
+
+    def __init__(self, gap_s: float) -> None:
+        self._gap_s = gap_s
+        self._due = -math.inf
+
+    def left(self, size: int, at: float) -> None:
+        """A group of `size` items left at `at`."""
+        self._due = at + self._gap_s if size > 1 and self._gap_s > 0 else -math.inf
+
+    @property
+    def due(self) -> float:
+        """When a group that is not full may leave (-inf: at once)."""
+        return self._due
 
 
 class Coalescer(Generic[T, R]):
@@ -42,12 +62,9 @@ class Coalescer(Generic[T, R]):
         self._max_in_flight = max(1, max_in_flight)
         self._max_items = max(1, max_items)
         self._retry_alone = retry_alone
-        self._gap_s = gap_s
+        self._gap = LoadGap(gap_s)
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._running: set[asyncio.Task[None]] = set()
-        # When the last group started (loop time) and how many items it took.
-        self._last_start = 0.0
-        self._last_size = 0
         self._timer: asyncio.TimerHandle | None = None
 
     async def submit(self, item: T) -> R:
@@ -62,9 +79,9 @@ class Coalescer(Generic[T, R]):
         with a slot free, arms the timer for the gap's end."""
         if not self._waiting or len(self._running) >= self._max_in_flight:
             return
+        due = self._gap.due
         loop = asyncio.get_running_loop()
-        due = self._last_start + self._gap_s if self._last_size > 1 else 0.0
-        if len(self._waiting) >= self._max_items or loop.time() >= due:
+        if len(self._waiting) >= self._max_items or due == -math.inf or loop.time() >= due:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
@@ -79,8 +96,7 @@ class Coalescer(Generic[T, R]):
     def _start_group(self) -> None:
         group = self._waiting[: self._max_items]
         del self._waiting[: self._max_items]
-        self._last_start = asyncio.get_running_loop().time()
-        self._last_size = len(group)
+        self._gap.left(len(group), asyncio.get_running_loop().time())
         task = asyncio.create_task(self._run(group))
         self._running.add(task)
         task.add_done_callback(self._group_done)

@@ -19,7 +19,7 @@ from b24sync.bitrix.main import BitrixService
 from b24sync.bitrix.ratelimit import RateLimiter
 from b24sync.portal.main import PortalServer
 from b24sync.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import eventually, free_port
 
 # Fast retries and short locks, so that a test waits for behaviour, not for production timings.
 FAST: dict[str, Any] = {
@@ -161,6 +161,14 @@ class Admin:
         response.raise_for_status()
         leads: list[dict[str, Any]] = response.json()
         return leads
+
+    async def until_a_lead_exists(self) -> None:
+        """Waits until the portal holds a lead: a create held after its write is in flight."""
+
+        async def written() -> bool:
+            return bool(await self.leads())
+
+        await eventually(written)
 
     async def stats(self) -> dict[str, Any]:
         response = await self.http.get("/admin/stats")

@@ -30,15 +30,6 @@ async def hold_next(admin: Admin, method: str, delay_s: float = 1.0) -> None:
     await admin.script(method=method, kind="timeout_after_write", delay_s=delay_s)
 
 
-async def until_a_lead_is_written(admin: Admin) -> None:
-    """The held create is in flight: events sent from now on wait behind it."""
-
-    async def written() -> bool:
-        return bool(await admin.leads())
-
-    await eventually(written)
-
-
 async def test_every_event_gets_one_reply_with_its_correlation_id(
     service: BitrixService, bus: Bus, admin: Admin, settings: Settings
 ) -> None:
@@ -69,7 +60,7 @@ async def test_the_newest_of_the_waiting_changes_is_written_once(
     queue = settings.rabbitmq_reply_queue
     await hold_next(admin, "crm.lead.add")
     await bus.publish(event("create_card", 5, reply_queue=queue, version=1))
-    await until_a_lead_is_written(admin)
+    await admin.until_a_lead_exists()  # events sent from now on wait behind it
     for version in range(2, 6):
         await bus.publish(
             event(
@@ -170,7 +161,7 @@ async def test_the_fields_of_superseded_changes_survive_a_failed_write(
     queue = settings.rabbitmq_reply_queue
     await hold_next(admin, "crm.lead.add")
     await bus.publish(event("create_card", 8, reply_queue=queue, version=1))
-    await until_a_lead_is_written(admin)
+    await admin.until_a_lead_exists()  # events sent from now on wait behind it
     await admin.fail("crm.lead.update", status=502, error="INTERNAL_SERVER_ERROR")
     await bus.publish(
         event(

@@ -14,7 +14,7 @@ import pytest
 
 from b24sync.portal.main import PortalServer
 from b24sync.settings import Settings
-from tests.conftest import eventually, free_port
+from tests.conftest import free_port
 from tests.processes import BITRIX_READY, ServiceProcess, service_environment
 from tests.seed import SEED_CREATE
 
@@ -133,10 +133,7 @@ async def _kill_mid_call_and_restart(
         event("create_card", 99, reply_queue=settings.rabbitmq_reply_queue), message_id="evt-99"
     )
 
-    async def lead_written() -> bool:
-        return bool(await admin.leads())
-
-    await eventually(lead_written)
+    await admin.until_a_lead_exists()
     assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
     second = spawn(**KILL_TIMINGS, **env)
     await second.start()

@@ -400,10 +400,7 @@ async def test_stop_is_bounded_and_another_service_finishes_the_cut_job(
     await admin.script(method="crm.lead.add", times=1, kind="timeout_after_write", delay_s=30)
     await bus.publish(event("create_card", 83, reply_queue=settings.rabbitmq_reply_queue))
 
-    async def lead_written() -> bool:
-        return bool(await admin.leads())
-
-    await eventually(lead_written)
+    await admin.until_a_lead_exists()
     await asyncio.wait_for(first.stop(), 5)
     await start_service(**timings)
 

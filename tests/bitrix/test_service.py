@@ -13,7 +13,6 @@ from redis.asyncio import Redis
 
 from b24sync.bitrix.main import BitrixService
 from b24sync.settings import Settings
-from tests.conftest import eventually
 from tests.seed import SEED_CREATE, SEED_MOVE, SEED_NO_PHONE_REPLY, SEED_UPDATE
 
 from .conftest import Admin, Bus, ServiceFactory, event
@@ -158,10 +157,7 @@ async def test_graceful_stop_lets_the_active_job_finish(
     await admin.script(method="crm.lead.add", times=1, kind="timeout_after_write", delay_s=1.5)
     await bus.publish(event("create_card", 3, reply_queue=settings.rabbitmq_reply_queue))
 
-    async def lead_written() -> bool:  # the call is in flight: the lead exists, no answer yet
-        return bool(await admin.leads())
-
-    await eventually(lead_written)
+    await admin.until_a_lead_exists()  # the call is in flight: the lead exists, no answer yet
     await service.stop()
     reply = await bus.reply(wait_s=1)
     assert reply["data"]["status"] == "success"

@@ -25,7 +25,6 @@ again, and the limit is passed on to every process sharing the bucket.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
+from b24sync.batching import LoadGap
 from b24sync.bitrix import metrics
 from b24sync.bitrix.batch import (
     MAX_BATCH_COMMANDS,
@@ -113,7 +113,6 @@ class Transport:
         self._max_commands = max(1, min(max_commands, MAX_BATCH_COMMANDS))
         self._max_in_flight = max(1, max_in_flight)
         self._stall_s = stall_s
-        self._min_gap_s = min_gap_s
         self._feeder: Feeder | None = None
         self._first: deque[Command] = deque()
         self._rest: deque[Command] = deque()
@@ -121,9 +120,9 @@ class Transport:
         self._in_flight: dict[asyncio.Task[None], float] = {}
         # Since when a request that is not full has been waiting to fill (see `_filling`).
         self._filling_since: float | None = None
-        # When the last request left and how many commands it carried (see `_filling`).
-        self._last_left = -math.inf
-        self._last_size = 0
+        # Under load, a request that is not full leaves no sooner than `min_gap_s` after the
+        # one before (see `_filling`).
+        self._gap = LoadGap(min_gap_s)
         # When `_may_send` last looked at the clock, and what it counted ready then (0 with no
         # room for a request): the decision `_wake_later` arms its timer for.
         self._checked_at = 0.0
@@ -178,9 +177,10 @@ class Transport:
                 if not commands:  # what was due went away meanwhile; the slot is spent
                     break
                 self._filling_since = None
-                self._last_left, self._last_size = time.monotonic(), len(commands)
+                left = time.monotonic()
+                self._gap.left(len(commands), left)
                 task = asyncio.create_task(self._send(commands))
-                self._in_flight[task] = self._last_left
+                self._in_flight[task] = left
                 task.add_done_callback(self._request_done)
             self._wake_later()
             await self._wake.wait()
@@ -220,7 +220,7 @@ class Transport:
             self._filling_since = None
             return False
         now = time.monotonic()
-        if self._last_size > 1 and now < self._last_left + self._min_gap_s:
+        if now < self._gap.due:
             return True
         if self._client.bucket_free_share() >= FILL_BELOW_FREE_SHARE:
             self._filling_since = None
@@ -284,8 +284,8 @@ class Transport:
         moments = [command.not_before for command in (*self._first, *self._rest)]
         if self._ready and self._in_flight:
             moments.append(max(self._in_flight.values()) + self._stall_s)
-        elif self._ready and self._last_size > 1:
-            moments.append(self._last_left + self._min_gap_s)
+        elif self._ready:
+            moments.append(self._gap.due)
         if self._filling_since is not None:
             moments.append(self._filling_since + self._fill_wait_s())
         later = [moment for moment in moments if moment > now]
