@@ -12,6 +12,7 @@ import os
 import signal
 from asyncio.subprocess import PIPE, STDOUT
 from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from uuid import UUID, uuid4
 
@@ -25,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from b24sync.contracts import Pattern, ReplyData
 from b24sync.core.models import OutboxEvent, User
+from b24sync.core.outbox.process import PROCESS_NAME as RELAY_PROCESS_NAME
 from b24sync.core.outbox.relay import Relay, waves
 from b24sync.core.outbox.repository import (
     RELAY_LOCK_KEY,
@@ -36,6 +38,8 @@ from b24sync.core.outbox.repository import (
 )
 from b24sync.core.outbox.service import EventDraft, build_event, outbox_service
 from b24sync.core.sync.service import reply_service
+from b24sync.core.users.schemas import UserCreate
+from b24sync.core.users.service import user_service
 from b24sync.settings import Settings
 from tests.conftest import eventually
 from tests.core.helpers import (
@@ -257,46 +261,60 @@ async def test_two_relays_keep_per_user_order(
     assert len({m.message_id for m in messages}) == len(messages)
 
 
-async def test_after_a_quiet_spell_an_event_leaves_at_once_then_a_trickle_waits_for_company(
+async def _published_after_creation(committed: Sessions, user_ids: list[int]) -> list[float]:
+    """Seconds from each user's event being written to its publication, in the order given."""
+    async with committed() as session:
+        rows = await session.execute(
+            text(
+                "SELECT user_id, extract(epoch FROM published_at - created_at)"
+                " FROM outbox_events WHERE user_id = ANY(:ids)"
+            ),
+            {"ids": user_ids},
+        )
+        waited = {user_id: float(seconds) for user_id, seconds in rows}
+    return [waited[user_id] for user_id in user_ids]
+
+
+async def test_a_trickle_leaves_at_once_and_a_large_batch_makes_the_next_wait_for_company(
     core_settings: Settings, engine: AsyncEngine, committed: Sessions
 ) -> None:
     settings = core_settings.model_copy(
-        update={"outbox_batch_gap_ms": 500, "outbox_poll_interval_s": 30}
+        update={"outbox_batch_gap_ms": 2000, "outbox_batch_size": 500, "outbox_poll_interval_s": 30}
     )
     relay = asyncio.create_task(Relay(settings, engine).run())
     try:
-        await asyncio.sleep(0.6)  # quiet for longer than the gap
-        users = [await create_user(committed, settings, "Trickle 1")]
-        await drain(settings.rabbitmq_queue, 1)
-        # Within the gap of the first batch: these two wait for it to pass and leave together,
-        # though a batch would have gone out between them.
-        users.append(await create_user(committed, settings, "Trickle 2"))
+        # A trickle: each event leaves on its own, within milliseconds, though the setting
+        # would allow a wait of up to 2 s.
+        trickle = []
+        for n in range(3):
+            trickle.append((await create_user(committed, settings, f"Trickle {n}")).id)
+            await drain(settings.rabbitmq_queue, 1)
+            await asyncio.sleep(0.05)
+        # 400 events in one batch: the next batch begins no sooner than 0.8 s after it.
+        async with committed() as session, session.begin():
+            data = UserCreate(full_name="Burst", phone="+77001112233")
+            new = [user_service.new_user(settings, data) for _ in range(400)]
+            await user_service.create_many(session, new)
+        await eventually(lambda: all_published(committed))
+        after = [(await create_user(committed, settings, "After 1")).id]
         await asyncio.sleep(0.1)
-        users.append(await create_user(committed, settings, "Trickle 3"))
-        await drain(settings.rabbitmq_queue, 2)
+        after.append((await create_user(committed, settings, "After 2")).id)
+        await drain(settings.rabbitmq_queue, 402)
     finally:
         relay.cancel()
         await asyncio.gather(relay, return_exceptions=True)
-    async with committed() as session:
-        rows = (
-            await session.execute(
-                text(
-                    "SELECT created_at, published_at FROM outbox_events"
-                    " WHERE user_id = ANY(:ids) ORDER BY seq"
-                ),
-                {"ids": [user.id for user in users]},
-            )
-        ).all()
-    (first_created, first_published), (_, second), (_, third) = rows
-    assert (first_published - first_created).total_seconds() < 0.4
-    # Marked in one statement (each row at its own clock reading), not 0.1 s apart.
-    assert (third - second).total_seconds() < 0.05
+    assert max(await _published_after_creation(committed, trickle)) < 0.25
+    first, second = await _published_after_creation(committed, after)
+    # Both waited out the gap and left in one batch: the first 0.1 s longer than the second.
+    assert second > 0.1
+    assert 0.05 < first - second < 0.15
 
 
 async def test_core_killed_mid_batch_loses_nothing(
     core_settings: Settings, engine: AsyncEngine, committed: Sessions, tmp_path: Path
 ) -> None:
-    total = 3000
+    users, versions = 1000, 3
+    total = users * versions
     async with committed() as session, session.begin():
         rows = await session.execute(
             text(
@@ -304,69 +322,94 @@ async def test_core_killed_mid_batch_loses_nothing(
                 " SELECT 'Bulk ' || n, '+77001112233', 'NEW' FROM generate_series(1, :n) AS n"
                 " RETURNING id, full_name, phone, stage, version, bitrix_lead_id, sync_force"
             ),
-            {"n": total},
+            {"n": users},
         )
         events = []
         for row in rows:
-            user = User(**row._asdict())
-            body = build_event(user, Pattern.USER_CREATED, core_settings.rabbitmq_reply_queue)
-            events.append({"id": uuid4(), "user_id": user.id, "pattern": "user_created",
-                           "version": 1, "body": body.wire()})  # fmt: skip
+            for version in range(1, versions + 1):
+                user = User(**{**row._asdict(), "version": version})
+                pattern = Pattern.USER_CREATED if version == 1 else Pattern.USER_UPDATED
+                body = build_event(user, pattern, core_settings.rabbitmq_reply_queue)
+                events.append({"id": uuid4(), "user_id": user.id, "pattern": pattern.value,
+                               "version": version, "body": body.wire()})  # fmt: skip
         await session.execute(OutboxEvent.__table__.insert(), events)
     all_ids = set(await event_ids(committed))
 
-    # One batch for everything: it is still open when the process dies.
+    # One batch for everything, sent in three waves (one event per user each). Its commit is
+    # held back (`commit_held`) until Core is dead: every message is out and confirmed, and
+    # none is marked published.
     env = service_environment(core_settings, OUTBOX_BATCH_SIZE=str(total * 2))
-    watcher = await aio_pika.connect(core_settings.rabbitmq_url)
-    core = await asyncio.create_subprocess_exec(B24SYNC, "core", env=env, cwd=tmp_path)
-    try:
-        # Poll on one open channel: a kill within milliseconds of the first message lands
-        # well inside the batch, before its transaction commits.
-        channel = await watcher.channel()
-        while True:
-            queue = await channel.declare_queue(core_settings.rabbitmq_queue, durable=True)
-            if queue.declaration_result.message_count:
-                break
-            assert core.returncode is None, "Core exited before publishing"
-            await asyncio.sleep(0.002)
-    finally:
-        core.send_signal(signal.SIGKILL)
-        await core.wait()
-        await watcher.close()
-    # A wave leaves in one write: the broker may still be taking in what the dead process sent.
-    published_before_kill = await settled_queue_depth(core_settings.rabbitmq_queue)
-    assert published_before_kill > 0
+    async with commit_held(engine) as waiting_on_commit:
+        core = await asyncio.create_subprocess_exec(B24SYNC, "core", env=env, cwd=tmp_path)
+        try:
+            await eventually(waiting_on_commit, wait_s=60)
+        finally:
+            core.send_signal(signal.SIGKILL)
+            await core.wait()
+    assert await queue_depth(core_settings.rabbitmq_queue) == total
     assert await unpublished(committed) == total  # the batch never committed
 
     relay = asyncio.create_task(Relay(core_settings, engine).run())
     try:
-        messages = await drain(core_settings.rabbitmq_queue, published_before_kill + total)
+        messages = await drain(core_settings.rabbitmq_queue, 2 * total)
         await eventually(lambda: all_published(committed))
     finally:
         relay.cancel()
         await asyncio.gather(relay, return_exceptions=True)
     assert {m.message_id for m in messages} == all_ids
-    assert len(messages) == published_before_kill + total
+    assert len(messages) == 2 * total  # each event twice, with its message_id both times
 
 
-async def settled_queue_depth(queue: str) -> int:
-    """The queue's depth once it has stopped changing for half a second."""
-    depth = await queue_depth(queue)
-    while True:
-        await asyncio.sleep(0.5)
-        latest = await queue_depth(queue)
-        if latest == depth:
-            return depth
-        depth = latest
+# The advisory lock key `commit_held` holds (the relay's own is RELAY_LOCK_KEY).
+_COMMIT_GATE_KEY = 0x6232_3473
+
+
+@contextlib.asynccontextmanager
+async def commit_held(engine: AsyncEngine) -> AsyncIterator[Callable[[], Awaitable[bool]]]:
+    """Holds back the commit of any transaction that marks outbox events published: a deferred
+    trigger waits at commit for an advisory lock held here. Yields a check that a commit is
+    waiting. On exit the waiting transaction is ended without committing, then the trigger is
+    dropped."""
+    async with engine.connect() as gate:
+        await gate.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _COMMIT_GATE_KEY})
+        await gate.execute(text(f"""
+            CREATE FUNCTION wait_for_commit_gate() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN PERFORM pg_advisory_xact_lock({_COMMIT_GATE_KEY}); RETURN NULL; END $$
+        """))  # fmt: skip
+        await gate.execute(text(
+            "CREATE CONSTRAINT TRIGGER commit_gate AFTER UPDATE ON outbox_events"
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION wait_for_commit_gate()"
+        ))  # fmt: skip
+        await gate.commit()
+        waiting = text(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            " AND objid = :key AND database = (SELECT oid FROM pg_database"
+            " WHERE datname = current_database())"
+        )
+
+        async def waiting_on_commit() -> bool:
+            return bool((await gate.execute(waiting, {"key": _COMMIT_GATE_KEY})).all())
+
+        try:
+            yield waiting_on_commit
+        finally:
+            # Ended before the lock is let go: a backend whose client died would still commit.
+            for (pid,) in (await gate.execute(waiting, {"key": _COMMIT_GATE_KEY})).all():
+                await gate.execute(text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid})
+            await gate.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _COMMIT_GATE_KEY})
+            await gate.execute(text("DROP TRIGGER commit_gate ON outbox_events"))
+            await gate.execute(text("DROP FUNCTION wait_for_commit_gate()"))
+            await gate.commit()
 
 
 def _relay_processes(parent: int) -> list[int]:
-    """The parent's children that run the relay (not multiprocessing's resource tracker)."""
+    """The parent's children that run the relay, by the name the relay gives its process
+    (multiprocessing's resource tracker is a child too)."""
     children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
     return [
         int(pid)
         for pid in children
-        if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        if Path(f"/proc/{pid}/comm").read_text().strip() == RELAY_PROCESS_NAME
     ]
 
 

@@ -7,6 +7,7 @@ import asyncio
 
 from redis.asyncio import Redis
 
+from b24sync.bitrix.jobs import JobPayload
 from b24sync.settings import Settings
 from tests.bitrix.conftest import Admin, ServiceFactory
 from tests.conftest import eventually, wipe_redis
@@ -27,7 +28,7 @@ async def test_jobs_lost_with_redis_are_sent_again_and_end_in_one_lead_each(
     )
     await start_service(job_backoff_ms=3000)
     await admin.http.put("/admin/faults", json={"outage_s": 60})
-    delayed = f"{settings.bullmq_prefix}:{settings.bullmq_queue}:delayed"
+    jobs = f"{settings.bullmq_prefix}:{settings.bullmq_queue}"
 
     async with running_core(settings) as core:
         created = [
@@ -38,7 +39,14 @@ async def test_jobs_lost_with_redis_are_sent_again_and_end_in_one_lead_each(
         users = [response.json()["id"] for response in created]
 
         async def all_delayed() -> bool:
-            return int(await redis_client.zcard(delayed)) == len(users)
+            # Events that reach the service together share a job: count users, not jobs.
+            waiting: set[int] = set()
+            for job_id in await redis_client.zrange(f"{jobs}:delayed", 0, -1):
+                data = await redis_client.hget(f"{jobs}:{job_id}", "data")
+                if data is not None:
+                    payload = JobPayload.model_validate_json(data)
+                    waiting |= {queued.event.data.user.id for queued in payload.events}
+            return waiting == set(users)
 
         await eventually(all_delayed)
         assert await wipe_redis(settings.bullmq_prefix) > 0  # Redis lost everything
