@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from uuid import uuid4
@@ -25,11 +26,37 @@ REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
 configure_logging("DEBUG")
 
 
+def _below_ephemeral_ports() -> range:
+    """Ports for the services a test starts: below the kernel's ephemeral range, from which
+    outgoing connections take theirs (one could otherwise take a port between the pick and
+    the service's bind)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            lowest, highest = (int(port) for port in ranges.read().split())
+    except (OSError, ValueError):
+        lowest, highest = 32768, 60999  # Linux's default
+    if lowest - 1024 < 1000:  # the range starts low: use the ports above it
+        return range(highest + 1, 65536)
+    return range(max(1024, lowest - 12768), lowest)
+
+
+_TEST_PORTS = _below_ephemeral_ports()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A port nothing listens on now, never handed out before in this test run."""
+    for port in random.sample(_TEST_PORTS, len(_TEST_PORTS)):
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))  # noqa: S104 - the services bind every interface
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise RuntimeError("no free port left for tests")
 
 
 @pytest.fixture

@@ -4,10 +4,11 @@ its own result, and one bad item fails only its own caller."""
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
-from b24sync.batching import Coalescer
+from b24sync.batching import Coalescer, LoadGap
 
 
 class BadItemError(Exception):
@@ -142,3 +143,13 @@ async def test_with_a_gap_a_group_after_a_full_one_waits_unless_it_fills() -> No
     assert await asyncio.gather(*await submitted(coalescer, [6, 7, 8])) == [60, 70, 80]
     assert recorder.groups[-1] == [6, 7, 8]
     assert asyncio.get_running_loop().time() - started < 0.2
+
+
+def test_a_gap_per_item_grows_with_the_group_before_up_to_the_whole_gap() -> None:
+    gap = LoadGap(0.05, per_item_s=0.002)
+    gap.left(1, at=10.0)
+    assert gap.due == -math.inf  # a lone item: no load, the next leaves at once
+    gap.left(5, at=10.0)
+    assert gap.due == pytest.approx(10.01)
+    gap.left(100, at=10.0)
+    assert gap.due == pytest.approx(10.05)

@@ -126,3 +126,33 @@ def test_a_body_cut_short_stays_masked() -> None:
     cut = shorten(json.dumps(EVENT, ensure_ascii=False), 100)
     assert "Иван" in cut
     assert "Иван" not in mask_personal(cut)
+
+
+class _Writes:
+    """A stdout that keeps each write apart."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_line_leaves_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With an unbuffered stdout each write is a system call: a line and its newline go
+    together."""
+    stdout = _Writes()
+    monkeypatch.setattr("sys.stdout", stdout)
+    configure_logging("INFO")
+    try:
+        get_logger("test").info("[Core] Request", status=201)
+    finally:
+        structlog.reset_defaults()
+        configure_logging("DEBUG")  # as tests/conftest.py set it
+    assert len(stdout.writes) == 1
+    assert stdout.writes[0].endswith(" status=201\n")
+    assert "[Core] Request" in stdout.writes[0]

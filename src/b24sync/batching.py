@@ -24,15 +24,22 @@ R = TypeVar("R")
 class LoadGap:
     """The pace of groups under load: once a group of several items has left, the next one
     that is not full leaves no sooner than `gap_s` after it; after a lone item (no load), at
-    once. Shared by the coalescer and the Bitrix transport's requests."""
+    once. With `per_item_s`, the gap is that much per item of the group before, at most
+    `gap_s`: groups grow while items come faster than one per `per_item_s`, and shrink towards
+    one, which leaves at once, while they come slower. Shared by the coalescer, the Bitrix
+    transport's requests and the outbox relay's batches."""
 
-    def __init__(self, gap_s: float) -> None:
+    def __init__(self, gap_s: float, per_item_s: float | None = None) -> None:
         self._gap_s = gap_s
+        self._per_item_s = per_item_s
         self._due = -math.inf
 
     def left(self, size: int, at: float) -> None:
         """A group of `size` items left at `at`."""
-        self._due = at + self._gap_s if size > 1 and self._gap_s > 0 else -math.inf
+        gap_s = (
+            self._gap_s if self._per_item_s is None else min(self._gap_s, size * self._per_item_s)
+        )
+        self._due = at + gap_s if size > 1 and gap_s > 0 else -math.inf
 
     @property
     def due(self) -> float:

@@ -178,7 +178,9 @@ def configure_logging(
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, _mask_processor, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(_Stdout()),  # type: ignore[arg-type]
+        # One write per line (PrintLogger writes the line and its newline apart: with an
+        # unbuffered stdout, two system calls).
+        logger_factory=structlog.WriteLoggerFactory(_Stdout()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(_Stdout())

@@ -40,11 +40,11 @@ class Settings(BaseSettings):
     stages: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_STAGES))
     outbox_batch_size: int = 200
     outbox_poll_interval_s: float = 1.0
-    # A relay woken this soon after a batch that sent something began waits out the rest first,
-    # so that under steady load the events of those milliseconds leave in one batch (one
-    # transaction, one confirm) instead of a few each; after a quiet spell an event leaves at
-    # once.
-    outbox_batch_gap_ms: float = Field(default=10.0, ge=0, le=1000)
+    # The longest a relay woken soon after a batch that sent several events waits before the next,
+    # so that under heavy load the events of those milliseconds leave in one batch (one
+    # transaction, one confirm) instead of a few each. The wait is 2 ms per event of the last
+    # batch (outbox/relay.py, BATCH_GAP_PER_EVENT_S): a trickle leaves within milliseconds.
+    outbox_batch_gap_ms: float = Field(default=50.0, ge=0, le=1000)
     # Uvicorn worker processes; each runs a reply consumer and, unless outbox_relay_process is
     # set, a relay (one publishes at a time).
     core_workers: int = 1
@@ -73,9 +73,10 @@ class Settings(BaseSettings):
     # written together by the next one (see core/users/repository.py). One at a time makes
     # fuller groups: fewer round trips per write, and more writes a second, not fewer.
     create_groups_in_flight: int = Field(default=1, ge=1)
-    # The same for updates and moves: one transaction for the changes that arrive meanwhile
-    # (see `grouped_changes` in core/users/service.py).
-    change_groups_in_flight: int = Field(default=1, ge=1)
+    # The same for updates and moves: one read and one write for the changes that arrive
+    # meanwhile (see `grouped_changes` in core/users/service.py). Two: a group holds no lock
+    # between its read and its write, so the next one reads while it writes.
+    change_groups_in_flight: int = Field(default=2, ge=1)
     db_pool_size: int = 20
     db_max_overflow: int = 10
     # Replies Core handles at once, applied in groups of up to this many to a transaction (one

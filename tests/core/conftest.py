@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from b24sync.core.app import create_app
-from b24sync.core.db import async_url, asyncpg_dsn
+from b24sync.core.db import async_url, asyncpg_dsn, create_write_pool
 from b24sync.core.migrate import upgrade_head
 from b24sync.settings import Settings
 from tests.conftest import TEST_DATABASE_URL
@@ -58,6 +58,14 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 @pytest.fixture
 def core_settings(settings: Settings, database_url: str) -> Settings:
     return settings.model_copy(update={"database_url": database_url})
+
+
+@pytest.fixture
+async def write_pool(core_settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """Connections for groups of writes, as the app keeps them."""
+    pool = await create_write_pool(core_settings, 2)
+    yield pool
+    await pool.close()
 
 
 @pytest.fixture

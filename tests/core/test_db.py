@@ -3,13 +3,25 @@ committing session, on the real PostgreSQL."""
 
 from __future__ import annotations
 
+import time
+
+import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
 
-from b24sync.core.db import async_url, committing, create_sessionmaker, database_unavailable
+from b24sync.core.db import (
+    OnDriver,
+    async_url,
+    close_write_pool,
+    committing,
+    create_sessionmaker,
+    create_write_pool,
+    database_unavailable,
+)
+from b24sync.core.outbox.repository import _SUPERSEDE_HELD
 from b24sync.settings import Settings
 from tests.core.helpers import proxied_database
 
@@ -67,3 +79,28 @@ async def test_a_committing_session_commits_rolls_back_and_always_gives_its_conn
     finally:
         async with engine.begin() as connection:
             await connection.execute(text("DROP TABLE committing_probe"))
+
+
+async def test_a_statement_on_the_driver_refuses_a_parameter_not_given(
+    write_pool: asyncpg.Pool,
+) -> None:
+    async with write_pool.acquire() as driver:
+        statements = OnDriver(driver)
+        # Bound by the statement itself (the answer's status and reason) or given.
+        assert await statements.rows(_SUPERSEDE_HELD, {"user_ids": [1]}) == []
+        with pytest.raises(KeyError, match="user_ids"):
+            await statements.rows(_SUPERSEDE_HELD, {})
+
+
+async def test_closing_the_write_pool_cuts_a_connection_still_held_after_the_timeout(
+    core_settings: Settings,
+) -> None:
+    pool = await create_write_pool(core_settings, 1)
+    held = await pool.acquire()
+    started = time.monotonic()
+
+    await close_write_pool(pool, 0.2)
+
+    assert time.monotonic() - started < 2
+    with pytest.raises(asyncpg.InterfaceError):
+        await held.fetchval("SELECT 1")

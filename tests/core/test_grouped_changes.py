@@ -1,24 +1,29 @@
-"""Concurrent updates and moves applied together, on the real PostgreSQL: one transaction per
-group, yet each change gets its own new version and event, a user named twice in a group
-changes twice in order, and a change that fails fails only its own caller."""
+"""Concurrent updates and moves applied together, on the real PostgreSQL: one read and one write
+per group, yet each change gets its own new version and event, a user named twice in a group
+changes twice in order, a user changed between the read and the write is changed again from
+its new row, and a change that fails fails only its own caller."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
-from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Executable, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from b24sync.contracts import Pattern
-from b24sync.core.db import create_sessionmaker
+from b24sync.core.db import OnDriver, create_sessionmaker
 from b24sync.core.models import SyncStatus, User
 from b24sync.core.users.schemas import UserMove, UserUpdate
 from b24sync.core.users.service import (
     GROUPED_CHANGES,
+    OPTIMISTIC_TRIES,
+    UserChange,
     UserNotFoundError,
     grouped_changes,
     user_service,
@@ -37,10 +42,12 @@ from tests.core.helpers import (
 )
 
 
-def grouped_sessions(engine: AsyncEngine, settings: Settings, in_flight: int) -> Sessions:
+def grouped_sessions(
+    engine: AsyncEngine, pool: asyncpg.Pool, settings: Settings, in_flight: int
+) -> Sessions:
     """Sessions as the app makes them: updates and moves go through one shared group."""
     settings = settings.model_copy(update={"change_groups_in_flight": in_flight})
-    group = grouped_changes(create_sessionmaker(engine), settings)
+    group = grouped_changes(pool, settings)
     return create_sessionmaker(engine, info={GROUPED_CHANGES: group})
 
 
@@ -60,10 +67,10 @@ async def user_events(sessions: Sessions, user_id: int) -> list[StoredEvent]:
 
 
 async def test_concurrent_changes_are_applied_together_each_with_its_own_event(
-    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+    core_settings: Settings, engine: AsyncEngine, write_pool: asyncpg.Pool, committed: Sessions
 ) -> None:
     users = [await create_user(committed, core_settings, f"User {n}") for n in range(30)]
-    sessions = grouped_sessions(engine, core_settings, in_flight=1)
+    sessions = grouped_sessions(engine, write_pool, core_settings, in_flight=1)
 
     changed = await asyncio.gather(
         *(
@@ -98,11 +105,11 @@ async def test_concurrent_changes_are_applied_together_each_with_its_own_event(
 
 
 async def test_a_user_changed_several_times_in_one_group_changes_in_order(
-    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+    core_settings: Settings, engine: AsyncEngine, write_pool: asyncpg.Pool, committed: Sessions
 ) -> None:
     user = await create_user(committed, core_settings, "Often")
     other = await create_user(committed, core_settings, "Other")
-    sessions = grouped_sessions(engine, core_settings, in_flight=1)
+    sessions = grouped_sessions(engine, write_pool, core_settings, in_flight=1)
 
     # The first goes alone; the rest wait for it and go together.
     results = await asyncio.gather(
@@ -145,10 +152,10 @@ async def test_a_user_changed_several_times_in_one_group_changes_in_order(
 
 
 async def test_an_unknown_user_fails_only_its_own_change(
-    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+    core_settings: Settings, engine: AsyncEngine, write_pool: asyncpg.Pool, committed: Sessions
 ) -> None:
     users = [await create_user(committed, core_settings, f"User {n}") for n in range(4)]
-    sessions = grouped_sessions(engine, core_settings, in_flight=1)
+    sessions = grouped_sessions(engine, write_pool, core_settings, in_flight=1)
     missing = users[-1].id + 1000
 
     results = await asyncio.gather(
@@ -167,13 +174,14 @@ async def test_an_unknown_user_fails_only_its_own_change(
 async def test_a_change_the_database_refuses_fails_only_its_own_request(
     core_settings: Settings,
     engine: AsyncEngine,
+    write_pool: asyncpg.Pool,
     committed: Sessions,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     users = [await create_user(committed, core_settings, f"User {n}") for n in range(5)]
     [taken, *_] = await event_ids(committed)
     clash_events_of("Bad", taken, monkeypatch)
-    sessions = grouped_sessions(engine, core_settings, in_flight=1)
+    sessions = grouped_sessions(engine, write_pool, core_settings, in_flight=1)
     names = ["First", "Second", "Bad", "Third", "Fourth"]
     results = await asyncio.gather(
         *(
@@ -183,7 +191,7 @@ async def test_a_change_the_database_refuses_fails_only_its_own_request(
         return_exceptions=True,
     )
 
-    assert isinstance(results[2], IntegrityError)
+    assert isinstance(results[2], asyncpg.UniqueViolationError)
     good = [name for name in names if name != "Bad"]
     assert [result.full_name for result in results if isinstance(result, User)] == good
     async with committed() as session:
@@ -195,7 +203,7 @@ async def test_a_change_the_database_refuses_fails_only_its_own_request(
 
 
 async def test_in_hold_mode_a_change_after_a_failed_create_goes_as_a_create(
-    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+    core_settings: Settings, engine: AsyncEngine, write_pool: asyncpg.Pool, committed: Sessions
 ) -> None:
     settings = core_settings.model_copy(update={"hold_until_lead_id": True})
     failed = await create_user(committed, settings, "Failed")
@@ -205,7 +213,7 @@ async def test_in_hold_mode_a_change_after_a_failed_create_goes_as_a_create(
             text("UPDATE users SET sync_status = :failed WHERE id = :id"),
             {"failed": SyncStatus.FAILED.value, "id": failed.id},
         )
-    sessions = grouped_sessions(engine, settings, in_flight=1)
+    sessions = grouped_sessions(engine, write_pool, settings, in_flight=1)
 
     await asyncio.gather(
         move(sessions, settings, fine.id, "IN_PROCESS"),  # alone, first
@@ -250,3 +258,98 @@ async def test_changes_answer_503_while_the_database_is_unreachable_then_recover
         Pattern.USER_MOVED.value,
         Pattern.USER_MOVED.value,
     ]
+
+
+@dataclass
+class WriterInBetween:
+    """A group's statements on a driver connection, with another writer's statement run right
+    after each read that takes no lock: the user changes between the group's read and write."""
+
+    statements: OnDriver
+    between: Callable[[], Awaitable[None]]
+    unlocked_reads: int = 0
+
+    async def rows(
+        self, statement: Executable, parameters: Mapping[str, Any]
+    ) -> Sequence[Mapping[Any, Any]]:
+        rows = await self.statements.rows(statement, parameters)
+        if set(parameters) == {"ids"} and not self.in_transaction:
+            self.unlocked_reads += 1
+            await self.between()
+        return rows
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.statements.in_transaction
+
+    def transaction(self) -> Any:
+        return self.statements.transaction()
+
+
+async def test_a_user_changed_between_read_and_write_is_changed_again_from_its_new_row(
+    core_settings: Settings, write_pool: asyncpg.Pool, committed: Sessions
+) -> None:
+    contested = await create_user(committed, core_settings, "Contested")
+    calm = await create_user(committed, core_settings, "Calm")
+
+    async def reply_lands() -> None:
+        # What the success of the create records: the lead and the confirmed version.
+        async with committed() as session, session.begin():
+            await session.execute(
+                text(
+                    "UPDATE users SET bitrix_lead_id = 501, synced_version = 1,"
+                    " sync_status = :synced WHERE id = :id AND bitrix_lead_id IS NULL"
+                ),
+                {"synced": SyncStatus.SYNCED.value, "id": contested.id},
+            )
+
+    async with write_pool.acquire() as driver:
+        statements = WriterInBetween(OnDriver(driver), reply_lands)
+        changed = await user_service.apply_changes(
+            statements,
+            core_settings,
+            [
+                UserChange(contested.id, {"full_name": "Contested 2"}, Pattern.USER_UPDATED),
+                UserChange(calm.id, {"full_name": "Calm 2"}, Pattern.USER_UPDATED),
+            ],
+        )
+
+    assert statements.unlocked_reads == 2  # the second read found the reply's row
+    assert [(user.full_name, user.version) for user in changed if user] == [
+        ("Contested 2", 2),
+        ("Calm 2", 2),
+    ]
+    assert changed[0] is not None
+    assert changed[0].bitrix_lead_id == 501
+    [event] = await user_events(committed, contested.id)
+    # Built from the row the reply left: only the rename is news to Bitrix24.
+    assert event.body["data"]["changed"] == ["full_name"]
+    assert event.body["data"]["user"]["bitrix_lead_id"] == 501
+    assert len(await user_events(committed, calm.id)) == 1
+
+
+async def test_a_user_changed_every_time_between_read_and_write_is_changed_under_a_lock(
+    core_settings: Settings, write_pool: asyncpg.Pool, committed: Sessions
+) -> None:
+    user = await create_user(committed, core_settings, "Busy")
+
+    async def another_write() -> None:
+        async with committed() as session, session.begin():
+            await session.execute(
+                text("UPDATE users SET sync_attempts = sync_attempts + 1 WHERE id = :id"),
+                {"id": user.id},
+            )
+
+    async with write_pool.acquire() as driver:
+        statements = WriterInBetween(OnDriver(driver), another_write)
+        (changed,) = await user_service.apply_changes(
+            statements,
+            core_settings,
+            [UserChange(user.id, {"stage": "CONVERTED"}, Pattern.USER_MOVED)],
+        )
+
+    assert statements.unlocked_reads == OPTIMISTIC_TRIES
+    assert changed is not None
+    assert (changed.stage, changed.version) == ("CONVERTED", 2)
+    [event] = await user_events(committed, user.id)
+    assert (event.pattern, event.version) == (Pattern.USER_MOVED.value, 2)

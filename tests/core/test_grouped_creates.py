@@ -27,15 +27,15 @@ from tests.core.helpers import (
 )
 
 
-def grouped_sessions(engine: AsyncEngine, in_flight: int) -> Sessions:
+def grouped_sessions(engine: AsyncEngine, pool: asyncpg.Pool, in_flight: int) -> Sessions:
     """Sessions as the app makes them: creates go through one shared group."""
-    return create_sessionmaker(engine, info={GROUPED_CREATES: grouped_creates(engine, in_flight)})
+    return create_sessionmaker(engine, info={GROUPED_CREATES: grouped_creates(pool, in_flight)})
 
 
 async def test_concurrent_creates_are_written_together_each_with_its_own_event(
-    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+    core_settings: Settings, engine: AsyncEngine, write_pool: asyncpg.Pool, committed: Sessions
 ) -> None:
-    sessions = grouped_sessions(engine, in_flight=1)
+    sessions = grouped_sessions(engine, write_pool, in_flight=1)
     names = [f"User {n}" for n in range(40)]
     users = await asyncio.gather(*(create_user(sessions, core_settings, name) for name in names))
 
@@ -60,9 +60,11 @@ async def test_concurrent_creates_are_written_together_each_with_its_own_event(
 
 
 async def test_a_create_alone_is_written_at_once(
-    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+    core_settings: Settings, engine: AsyncEngine, write_pool: asyncpg.Pool, committed: Sessions
 ) -> None:
-    user = await create_user(grouped_sessions(engine, in_flight=2), core_settings, "Alone")
+    user = await create_user(
+        grouped_sessions(engine, write_pool, in_flight=2), core_settings, "Alone"
+    )
     async with committed() as session:
         row = (await session.execute(text("SELECT id, body FROM outbox_events"))).one()
     assert row.body["pattern"] == "user_created"
@@ -79,13 +81,14 @@ async def test_a_create_alone_is_written_at_once(
 async def test_a_row_the_database_refuses_fails_only_its_own_create(
     core_settings: Settings,
     engine: AsyncEngine,
+    write_pool: asyncpg.Pool,
     committed: Sessions,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     await create_user(committed, core_settings, "Existing")
     [taken] = await event_ids(committed)
     clash_events_of("Bad", taken, monkeypatch)
-    sessions = grouped_sessions(engine, in_flight=1)
+    sessions = grouped_sessions(engine, write_pool, in_flight=1)
     names = ["First", "Second", "Bad", "Third", "Fourth"]
     results = await asyncio.gather(
         *(create_user(sessions, core_settings, name) for name in names), return_exceptions=True

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
+import functools
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import asyncpg  # type: ignore[import-untyped]
 from fastapi import Request
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, ResourceClosedError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.sql import Executable
 
 from b24sync.settings import Settings
 
@@ -47,6 +52,20 @@ def database_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, DATABASE_UNAVAILABLE_ERRORS) or (
         isinstance(exc, DBAPIError) and exc.connection_invalidated
     )
+
+
+@asynccontextmanager
+async def driver_of(connection: AsyncConnection) -> AsyncIterator[asyncpg.Connection]:
+    """The asyncpg connection under a pooled SQLAlchemy one, for statements sent straight
+    through the driver. A connection the database dropped is invalidated, never pooled again
+    (SQLAlchemy does that only for statements it executes itself)."""
+    driver = (await connection.get_raw_connection()).driver_connection
+    assert driver is not None
+    try:
+        yield driver
+    except DRIVER_CONNECTION_ERRORS:
+        await connection.invalidate()
+        raise
 
 
 def one_item_to_blame(exc: BaseException) -> bool:
@@ -112,3 +131,110 @@ async def committing(
     finally:
         if session.in_transaction():
             await asyncio.shield(session.close())
+
+
+class Statements(Protocol):
+    """Where a repository's statements run: a session's transaction (`InSession`), or a
+    connection of the app's groups of writes (`OnDriver`). One statement, either place."""
+
+    async def rows(
+        self, statement: Executable, parameters: Mapping[str, Any]
+    ) -> Sequence[Mapping[Any, Any]]: ...
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether statements run in a transaction (else each is one of its own)."""
+        ...
+
+    def transaction(self) -> AbstractAsyncContextManager[Any]:
+        """A transaction for the statements of the block (the open one, if there is one)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class InSession:
+    session: AsyncSession
+
+    async def rows(
+        self, statement: Executable, parameters: Mapping[str, Any]
+    ) -> Sequence[Mapping[Any, Any]]:
+        result = await self.session.execute(statement, dict(parameters))
+        try:
+            return result.mappings().all()
+        except ResourceClosedError:  # a statement that returns no rows
+            return []
+
+    @property
+    def in_transaction(self) -> bool:
+        return True  # a session begins one with its first statement
+
+    def transaction(self) -> AbstractAsyncContextManager[Any]:
+        return nullcontext()
+
+
+@dataclass(frozen=True, slots=True)
+class OnDriver:
+    """Statements sent straight through asyncpg, each compiled once: on the groups of writes,
+    SQLAlchemy's execution layers (session, greenlet, result) cost more CPU than the round
+    trip."""
+
+    connection: asyncpg.Connection
+
+    async def rows(
+        self, statement: Executable, parameters: Mapping[str, Any]
+    ) -> Sequence[Mapping[Any, Any]]:
+        sql, names, fixed = _driver_sql(statement)
+        # A parameter neither given nor bound by the statement raises KeyError, as SQLAlchemy
+        # would refuse it, rather than becoming NULL.
+        values = [parameters[name] if name in parameters else fixed[name] for name in names]
+        rows: list[Mapping[Any, Any]] = await self.connection.fetch(sql, *values)
+        return rows
+
+    @property
+    def in_transaction(self) -> bool:
+        return bool(self.connection.is_in_transaction())
+
+    def transaction(self) -> AbstractAsyncContextManager[Any]:
+        return self.connection.transaction()  # type: ignore[no-any-return]
+
+
+_ASYNCPG = asyncpg_dialect()  # type: ignore[no-untyped-call]
+
+
+@functools.cache
+def _driver_sql(statement: Executable) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    """The statement's SQL for asyncpg ($1, $2...), its parameters' names in that order, and
+    the values the statement itself binds (literals in it). Cached by identity: for statements
+    built once, at module level."""
+    compiled = statement.compile(dialect=_ASYNCPG)  # type: ignore[attr-defined]
+    if compiled.post_compile_params or compiled.literal_execute_params:
+        raise ValueError("a statement with expanding parameters cannot be compiled once")
+    fixed = {name: bind.value for name, bind in compiled.binds.items() if not bind.required}
+    return compiled.string, tuple(compiled.positiontup or ()), fixed
+
+
+async def _keep_connection(_: asyncpg.Connection) -> None:
+    """Every use ends its own transaction (asyncpg still rolls back one left open): the
+    default reset would cost a round trip."""
+
+
+async def create_write_pool(settings: Settings, size: int) -> asyncpg.Pool:
+    """Connections of one kind of the app's groups of writes, one for each group that can be
+    in flight: opened when first needed, then kept."""
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        asyncpg_dsn(settings.database_url),
+        min_size=0,
+        max_size=size,
+        max_inactive_connection_lifetime=0,
+        reset=_keep_connection,
+    )
+    return pool
+
+
+async def close_write_pool(pool: asyncpg.Pool, timeout_s: float) -> None:
+    """Closes the pool, cutting connections a group still holds after `timeout_s` (a group
+    waiting on a lock or a silent network would otherwise hold up the shutdown)."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout_s)
+    except TimeoutError:
+        pool.terminate()

@@ -12,7 +12,7 @@ import uvloop
 from b24sync.core.migrate import check_database
 from b24sync.core.outbox import process as outbox_process
 from b24sync.logs import configure_logging, get_logger
-from b24sync.serving import EmbeddedServer, check_port_free, wait_for_stop_signal
+from b24sync.serving import EmbeddedServer, HttpProtocol, check_port_free, wait_for_stop_signal
 from b24sync.settings import Settings
 
 log = get_logger(__name__)
@@ -44,7 +44,7 @@ def run(settings: Settings) -> None:
     asyncio.run(check_database(settings))
     check_port_free(settings.host, settings.port, "PORT")
     options = {
-        "http": "httptools",
+        "http": HttpProtocol,
         "timeout_graceful_shutdown": int(settings.shutdown_timeout_s),
     }
     tune_gc()

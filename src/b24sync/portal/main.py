@@ -85,12 +85,11 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 
 import uvloop
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from b24sync.logs import configure_logging, get_logger
 from b24sync.portal.app import create_app
 from b24sync.portal.state import Portal
-from b24sync.serving import EmbeddedServer, wait_for_stop_signal
+from b24sync.serving import EmbeddedServer, HttpProtocol, wait_for_stop_signal
 from b24sync.settings import Settings
 
 __all__ = ["Portal", "PortalServer", "create_app", "run", "serve_portal"]
@@ -103,11 +102,10 @@ _ALWAYS_SERVED = (b"/admin", b"/healthz")
 _GRACEFUL_SHUTDOWN_S = 5
 
 
-def _protocol_for(portal: Portal) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol (Core's, several times cheaper per request than h11), which
-    drops REST requests during a connection-level outage."""
+def _protocol_for(portal: Portal) -> type[HttpProtocol]:
+    """The services' HTTP protocol, dropping REST requests during a connection-level outage."""
 
-    class OutageAwareProtocol(HttpToolsProtocol):
+    class OutageAwareProtocol(HttpProtocol):
         def data_received(self, data: bytes) -> None:
             if portal.faults.outage() == "connection" and _is_rest_request(data):
                 self.transport.abort()

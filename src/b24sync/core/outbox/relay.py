@@ -40,6 +40,7 @@ from uuid import UUID
 import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
+from b24sync.batching import LoadGap
 from b24sync.contracts import UserPayload
 from b24sync.core.backoff import Backoff
 from b24sync.core.db import asyncpg_dsn
@@ -57,6 +58,11 @@ PUBLISH_TIMEOUT_S = 10.0
 RESEND_CHECK_MAX_INTERVAL_S = 60.0
 # Users whose retry is due are looked for this often.
 RETRY_CHECK_INTERVAL_S = 1.0
+# After a batch of n events the next one begins no sooner than n times this (at most
+# OUTBOX_BATCH_GAP_MS) after it (`LoadGap`): above about 500 events a second batches grow until
+# the gap is the whole of the setting (fewer transactions and confirms per event); below it
+# they shrink towards one event, which leaves at once.
+BATCH_GAP_PER_EVENT_S = 0.002
 
 
 def waves(events: list[PendingEvent]) -> list[list[PendingEvent]]:
@@ -113,6 +119,7 @@ class Relay:
         self._next_retry_check = 0.0
         self._last_retry_sent = 0.0
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._gap = LoadGap(settings.outbox_batch_gap_ms / 1000, BATCH_GAP_PER_EVENT_S)
         # Bound once, with the logging configured when the relay is built: the line per
         # message costs a third less than through the module's lazy logger.
         self._log = log.bind()
@@ -131,6 +138,8 @@ class Relay:
                     sent = await self.publish_batch()
                     while sent >= self.settings.outbox_batch_size:
                         sent = await self.publish_batch()
+                    # Under load, the next batch waits to take in the events of the next moments.
+                    self._gap.left(sent, started)
                 except Exception as exc:
                     delay = backoff.failed()
                     if backoff.should_log:
@@ -148,9 +157,8 @@ class Relay:
                     await asyncio.wait_for(
                         self._wakeup.wait(), self.settings.outbox_poll_interval_s
                     )
-                if sent:  # events are coming: let those of the next moments leave together
-                    gap_s = self.settings.outbox_batch_gap_ms / 1000
-                    await asyncio.sleep(started + gap_s - asyncio.get_running_loop().time())
+                if (wait_s := self._gap.due - asyncio.get_running_loop().time()) > 0:
+                    await asyncio.sleep(wait_s)
         finally:
             listener.cancel()
             with suppress(asyncio.CancelledError):

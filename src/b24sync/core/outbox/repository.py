@@ -1,7 +1,8 @@
-"""All SQL on the outbox_events table but for two statements of `UserRepository`: a new user
-and its first event are inserted together (`create_many`: the event needs the id that insert
-assigns), and a reply's event is read and answered with its user's sync state
-(`get_with_events`, `record_reply`: few round trips on the reply path)."""
+"""All SQL on the outbox_events table but for three statements of the users repository that
+write a user and its events together: a new user and its first event (`create_many`: the
+event needs the id that insert assigns), a group of changes (`write_changes`, built from this
+module's `inserted_events` and `superseding_held`), and a reply's event read and answered with
+its user's sync state (`get_with_events`, `record_reply`: few round trips on the reply path)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,30 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
-from sqlalchemy import Table, bindparam, select, text, update
+from sqlalchemy import (
+    CTE,
+    BigInteger,
+    ColumnElement,
+    Integer,
+    Select,
+    Table,
+    Text,
+    Update,
+    Uuid,
+    any_,
+    bindparam,
+    exists,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from b24sync.contracts import Pattern
-from b24sync.core.db import DRIVER_CONNECTION_ERRORS
+from b24sync.core.db import Statements, driver_of
 from b24sync.core.models import AnswerStatus, OutboxEvent
 
 if TYPE_CHECKING:
@@ -30,17 +50,82 @@ RELAY_LOCK_KEY = 0x6232_3473_796E_63  # "b24sync"
 
 Driver = Any  # an asyncpg connection (asyncpg has no type hints)
 
-# One round trip: the event rows, in the order given, and one wake-up call. NOTIFY is
-# delivered only on commit, so a relay never wakes up for an event it cannot see yet.
-_INSERT_AND_NOTIFY = text(
-    "WITH events AS ("
-    " INSERT INTO outbox_events (id, user_id, pattern, version, body)"
-    " SELECT id, user_id, pattern, version, body::jsonb FROM unnest("
-    "  CAST(:ids AS uuid[]), CAST(:user_ids AS bigint[]), CAST(:patterns AS text[]),"
-    "  CAST(:versions AS integer[]), CAST(:bodies AS text[])"
-    " ) WITH ORDINALITY AS item (id, user_id, pattern, version, body, position)"
-    " ORDER BY position RETURNING 1"
-    ") SELECT pg_notify(:channel, '') WHERE EXISTS (SELECT FROM events)"
+_OUTBOX = cast(Table, OutboxEvent.__table__)
+# New events, as bound by `event_parameters`, numbered in the order given.
+_NEW_EVENTS = (
+    func.unnest(
+        bindparam("event_ids", type_=ARRAY(Uuid)),
+        bindparam("event_user_ids", type_=ARRAY(BigInteger)),
+        bindparam("event_patterns", type_=ARRAY(Text)),
+        bindparam("event_versions", type_=ARRAY(Integer)),
+        bindparam("event_bodies", type_=ARRAY(Text)),
+    )
+    .table_valued("id", "user_id", "pattern", "version", "body", with_ordinality="position")
+    .render_derived(name="new_event")
+)
+
+
+def event_parameters(events: Sequence[tuple[int, EventDraft]]) -> dict[str, Any]:
+    """The parameters of `inserted_events` for each user's event, in the order given."""
+    return {
+        "event_ids": [draft.id for _, draft in events],
+        "event_user_ids": [user_id for user_id, _ in events],
+        "event_patterns": [draft.pattern.value for _, draft in events],
+        "event_versions": [draft.version for _, draft in events],
+        "event_bodies": [json.dumps(draft.body, ensure_ascii=False) for _, draft in events],
+    }
+
+
+def inserted_events(of_users: Select[Any] | None = None) -> CTE:
+    """A CTE that inserts the events of `event_parameters` in the order given (with
+    `of_users`, a query of user ids, only theirs), returning their ids."""
+    rows = select(
+        _NEW_EVENTS.c.id,
+        _NEW_EVENTS.c.user_id,
+        _NEW_EVENTS.c.pattern,
+        _NEW_EVENTS.c.version,
+        _NEW_EVENTS.c.body.cast(JSONB),
+    ).order_by(_NEW_EVENTS.c.position)
+    if of_users is not None:
+        rows = rows.where(_NEW_EVENTS.c.user_id.in_(of_users))
+    return (
+        insert(_OUTBOX)
+        .from_select(["id", "user_id", "pattern", "version", "body"], rows, include_defaults=False)
+        .returning(_OUTBOX.c.id)
+        .cte("events")
+    )
+
+
+# Wakes the relays. NOTIFY is delivered only on commit, so a relay never wakes up for an event
+# it cannot see yet.
+WAKE_RELAYS = func.pg_notify(bindparam("channel", NOTIFY_CHANNEL), "")
+
+
+def superseding_held(of_users: ColumnElement[bool]) -> Update:
+    """Marks as superseded (never sent) the updates and moves that never went out of the
+    users `of_users` (a condition on `OutboxEvent.user_id`)."""
+    return (
+        update(OutboxEvent)
+        .where(
+            of_users,
+            OutboxEvent.published_at.is_(None),
+            OutboxEvent.answered_at.is_(None),
+            OutboxEvent.resends == 0,
+            OutboxEvent.pattern != Pattern.USER_CREATED.value,
+        )
+        .values(
+            answered_at=text("now()"),
+            answer_status=AnswerStatus.SUPERSEDED.value,
+            answer_reason="never sent: a create carrying its change took its place",
+        )
+    )
+
+
+_WAKE = select(WAKE_RELAYS)
+# One round trip: the event rows, in the order given, and one wake-up call.
+_INSERT_AND_NOTIFY = select(WAKE_RELAYS).where(exists(select(inserted_events().c.id)))
+_SUPERSEDE_HELD = superseding_held(
+    OutboxEvent.user_id == any_(bindparam("user_ids", type_=ARRAY(BigInteger)))
 )
 
 
@@ -54,26 +139,15 @@ class PendingEvent:
     bitrix_lead_id: int | None = None
 
 
-async def add(session: AsyncSession, events: Sequence[tuple[int, EventDraft]]) -> None:
+async def add(statements: Statements, events: Sequence[tuple[int, EventDraft]]) -> None:
     """Inserts each user's event, in the order given, and wakes the relay."""
-    if not events:
-        return
-    await session.execute(
-        _INSERT_AND_NOTIFY,
-        {
-            "ids": [draft.id for _, draft in events],
-            "user_ids": [user_id for user_id, _ in events],
-            "patterns": [draft.pattern.value for _, draft in events],
-            "versions": [draft.version for _, draft in events],
-            "bodies": [json.dumps(draft.body, ensure_ascii=False) for _, draft in events],
-            "channel": NOTIFY_CHANNEL,
-        },
-    )
+    if events:
+        await statements.rows(_INSERT_AND_NOTIFY, event_parameters(events))
 
 
 async def wake_relay(session: AsyncSession) -> None:
     """Wakes the relay when the transaction commits (something became ready to send)."""
-    await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+    await session.execute(_WAKE)
 
 
 async def try_relay_lock(session: AsyncSession) -> bool:
@@ -84,23 +158,9 @@ async def try_relay_lock(session: AsyncSession) -> bool:
     return bool(taken)
 
 
-async def supersede_held(session: AsyncSession, user_ids: Sequence[int]) -> None:
+async def supersede_held(statements: Statements, user_ids: Sequence[int]) -> None:
     """Marks the users' updates and moves that never went out as superseded: never sent."""
-    await session.execute(
-        update(OutboxEvent)
-        .where(
-            OutboxEvent.user_id.in_(user_ids),
-            OutboxEvent.published_at.is_(None),
-            OutboxEvent.answered_at.is_(None),
-            OutboxEvent.resends == 0,
-            OutboxEvent.pattern != Pattern.USER_CREATED.value,
-        )
-        .values(
-            answered_at=text("now()"),
-            answer_status=AnswerStatus.SUPERSEDED.value,
-            answer_reason="never sent: a create carrying its change took its place",
-        )
-    )
+    await statements.rows(_SUPERSEDE_HELD, {"user_ids": list(user_ids)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +200,6 @@ def answered_event(row: Sequence[Any]) -> AnsweredEvent:
 
 # Built once: on the reply path, building a statement cost more CPU than running it. The
 # answer's UPDATE is on the table: the ORM's bulk-update machinery cost more than the statement.
-_OUTBOX = cast(Table, OutboxEvent.__table__)
 RECORD_ANSWER = (
     update(_OUTBOX)
     .where(_OUTBOX.c.id == bindparam("event_id"))
@@ -259,15 +318,12 @@ WHERE id IN (
 async def relay_transaction(engine: AsyncEngine) -> AsyncIterator[Driver]:
     """A transaction on a pooled connection's asyncpg driver, committed when the block exits
     without an error. A connection the database dropped is invalidated, never pooled again."""
-    async with engine.connect() as connection:
-        driver = (await connection.get_raw_connection()).driver_connection
-        assert driver is not None
-        try:
-            async with driver.transaction():
-                yield driver
-        except DRIVER_CONNECTION_ERRORS:
-            await connection.invalidate()
-            raise
+    async with (
+        engine.connect() as connection,
+        driver_of(connection) as driver,
+        driver.transaction(),
+    ):
+        yield driver
 
 
 async def claim_batch(driver: Driver, limit: int, *, hold: bool = False) -> list[PendingEvent]:

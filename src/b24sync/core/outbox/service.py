@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from uuid import UUID, uuid4
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from b24sync.contracts import ACTION_BY_PATTERN, Event, EventData, Pattern, UserField, UserPayload
+from b24sync.core.db import Statements
 from b24sync.core.models import User
 from b24sync.core.outbox import repository
 
@@ -114,7 +113,7 @@ class OutboxService:
 
     async def record(
         self,
-        session: AsyncSession,
+        statements: Statements,
         changes: Sequence[tuple[User, Pattern]],
         reply_queue: str,
         *,
@@ -126,13 +125,13 @@ class OutboxService:
             (user.id, self.draft(user, pattern, reply_queue, force=force))
             for user, pattern in changes
         ]
-        await repository.add(session, drafts)
+        await repository.add(statements, drafts)
         return [draft.id for _, draft in drafts]
 
-    async def supersede_held(self, session: AsyncSession, user_ids: Sequence[int]) -> None:
+    async def supersede_held(self, statements: Statements, user_ids: Sequence[int]) -> None:
         """Held-back updates and moves of users now sent as a create are never sent: the
         create carries their changes (see `hold_until_lead_id`)."""
-        await repository.supersede_held(session, user_ids)
+        await repository.supersede_held(statements, user_ids)
 
 
 outbox_service = OutboxService()

@@ -35,6 +35,7 @@ from uuid import UUID
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from b24sync.contracts import Action, Pattern, ReplyData, ReplyStatus
+from b24sync.core.db import InSession
 from b24sync.core.models import AnswerStatus, SyncStatus, User
 from b24sync.core.outbox import repository as outbox_repository
 from b24sync.core.outbox.repository import AnsweredEvent
@@ -380,8 +381,10 @@ class ResyncService:
         ]
         creates = [user.id for user, pattern in changes if pattern is Pattern.USER_CREATED]
         if settings.hold_until_lead_id and creates:
-            await outbox_service.supersede_held(session, creates)
-        await outbox_service.record(session, changes, settings.rabbitmq_reply_queue, force=force)
+            await outbox_service.supersede_held(InSession(session), creates)
+        await outbox_service.record(
+            InSession(session), changes, settings.rabbitmq_reply_queue, force=force
+        )
         await repository.mark_sent_again([user.id for user in users], retry=retry, force=force)
         return len(users)
 

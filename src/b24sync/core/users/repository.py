@@ -1,5 +1,6 @@
-"""All SQL on the users table (and, on the reply path, a user's event read and answered in the
-same statement as the user)."""
+"""All SQL on the users table, and the statements that write users and their events together:
+new users with their first events, changed users with their new events, and on the reply path
+a user's event read and answered in the same statement as the user."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 from uuid import UUID
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import (
     BigInteger,
     DateTime,
@@ -23,16 +25,16 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
-    case,
     func,
     inspect,
     literal_column,
     or_,
     select,
+    true,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import configure_mappers
 from sqlalchemy.sql.dml import Update
 from sqlalchemy.sql.expression import ColumnElement
@@ -40,15 +42,19 @@ from sqlalchemy.sql.selectable import Select
 
 from b24sync.batching import Coalescer
 from b24sync.contracts import UserField
-from b24sync.core.db import DRIVER_CONNECTION_ERRORS, one_item_to_blame
+from b24sync.core.db import Statements, driver_of, one_item_to_blame
 from b24sync.core.models import AnswerStatus, OutboxEvent, SyncStatus, User
 from b24sync.core.outbox.repository import (
     ANSWERED_EVENT_COLUMNS,
     NOTIFY_CHANNEL,
     RECORD_ANSWER,
+    WAKE_RELAYS,
     AnsweredEvent,
     answer_parameters,
     answered_event,
+    event_parameters,
+    inserted_events,
+    superseding_held,
 )
 from b24sync.core.outbox.service import EventDraft
 
@@ -103,36 +109,30 @@ class NewUser:
     event: EventDraft
 
 
-async def _insert_with_events(connection: AsyncConnection, users: list[NewUser]) -> list[Any]:
-    """Runs the insert on `connection`: in its transaction when one is open, otherwise as a
+async def _insert_with_events(driver: asyncpg.Connection, users: Sequence[NewUser]) -> list[Any]:
+    """Runs the insert on `driver`: in its transaction when one is open, otherwise as a
     transaction of its own. A single statement is atomic either way."""
-    driver = (await connection.get_raw_connection()).driver_connection
-    assert driver is not None
-    try:
-        rows: list[Any] = await driver.fetch(
-            _INSERT_WITH_EVENTS,
-            [user.full_name for user in users],
-            [user.phone for user in users],
-            [user.stage for user in users],
-            [user.event.id for user in users],
-            [user.event.pattern.value for user in users],
-            [json.dumps(user.event.body, ensure_ascii=False) for user in users],
-            NOTIFY_CHANNEL,
-        )
-    except DRIVER_CONNECTION_ERRORS:
-        await connection.invalidate()  # never back into the pool
-        raise
+    rows: list[Any] = await driver.fetch(
+        _INSERT_WITH_EVENTS,
+        [user.full_name for user in users],
+        [user.phone for user in users],
+        [user.stage for user in users],
+        [user.event.id for user in users],
+        [user.event.pattern.value for user in users],
+        [json.dumps(user.event.body, ensure_ascii=False) for user in users],
+        NOTIFY_CHANNEL,
+    )
     return rows
 
 
-def grouped_creates(engine: AsyncEngine, in_flight: int) -> Coalescer[NewUser, User]:
+def grouped_creates(pool: asyncpg.Pool, in_flight: int) -> Coalescer[NewUser, User]:
     """Creates from concurrent requests, written together: one statement and one commit for
     the whole group instead of one each, which is most of what a create costs Core and
     PostgreSQL. Each caller still answers only after its own row is committed."""
 
     async def insert(users: list[NewUser]) -> list[User]:
-        async with engine.connect() as connection:
-            return [_user(row) for row in await _insert_with_events(connection, users)]
+        async with pool.acquire() as driver:
+            return [user_from_row(row) for row in await _insert_with_events(driver, users)]
 
     return Coalescer(
         insert, max_in_flight=in_flight, max_items=MAX_GROUP, retry_alone=one_item_to_blame
@@ -165,54 +165,106 @@ _SELECT_USERS_WITH_EVENTS = (
 
 # The fields an update or a move can change.
 CHANGEABLE = tuple(field.value for field in UserField)
-# Changes of several users in one statement, at most one per user (an UPDATE writes a row
-# once): ids with the new value of each field, NULL for a field left as it is. A user changes
-# only when a value differs from its own; each field that differs gets the new version.
-_CHANGES = (
+# The columns a change sets from what it computed (`write_changes`): the fields, and versions.
+VERSION_COLUMNS = ("version", *(f"{field}_version" for field in CHANGEABLE))
+CHANGED_COLUMNS = (*CHANGEABLE, *VERSION_COLUMNS)
+# PostgreSQL's version of a row (the transaction that wrote it): a change is computed from the
+# row read and written only over that same row.
+_ROW_VERSION = literal_column("users.xmin").cast(Text)
+_IDS = bindparam("ids", type_=ARRAY(BigInteger))
+# Users as a group of changes reads them; locked in id order when the read is in a transaction.
+_READ_FOR_CHANGE = select(_USERS, _ROW_VERSION.label("row_version")).where(
+    _USERS.c.id == any_(_IDS)
+)
+_LOCK_FOR_CHANGE = _READ_FOR_CHANGE.order_by(_USERS.c.id).with_for_update()
+_CHANGED = (
     func.unnest(
-        bindparam("ids", type_=ARRAY(BigInteger)),
+        _IDS,
+        bindparam("row_versions", type_=ARRAY(Text)),
         *(bindparam(f"new_{field}", type_=ARRAY(Text)) for field in CHANGEABLE),
+        *(bindparam(f"new_{column}", type_=ARRAY(Integer)) for column in VERSION_COLUMNS),
     )
-    .table_valued("id", *CHANGEABLE)
+    .table_valued("id", "row_version", *CHANGED_COLUMNS)
     .render_derived(name="change")
 )
 # The users named, locked first and in id order, whatever plan runs the UPDATE: two groups of
 # changes, or a group of changes and a group of replies, naming the same users wait for each
-# other instead of deadlocking. Locking reads each user as the last commit left it: its sync
-# status then is what a change in hold mode depends on.
+# other instead of deadlocking.
 _LOCKED = (
-    select(_USERS.c.id, _USERS.c.sync_status)
-    .where(_USERS.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))))
+    select(_USERS.c.id)
+    .where(_USERS.c.id == any_(_IDS))
     .order_by(_USERS.c.id)
     .with_for_update()
     .subquery("locked")
 )
-_DIFFERS = {field: _CHANGES.c[field] != _USERS.c[field] for field in CHANGEABLE}
-_CHANGE_FIELDS = (
+_WRITTEN = (
     update(_USERS)
-    .where(_USERS.c.id == _LOCKED.c.id, _USERS.c.id == _CHANGES.c.id, or_(*_DIFFERS.values()))
+    .where(
+        _USERS.c.id == _LOCKED.c.id,
+        _USERS.c.id == _CHANGED.c.id,
+        _CHANGED.c.row_version == _ROW_VERSION,
+    )
     .values(
-        **{field: func.coalesce(_CHANGES.c[field], _USERS.c[field]) for field in CHANGEABLE},
-        **{
-            f"{field}_version": case(
-                (differs, _USERS.c.version + 1), else_=_USERS.c[f"{field}_version"]
-            )
-            for field, differs in _DIFFERS.items()
-        },
-        version=_USERS.c.version + 1,
+        **{column: _CHANGED.c[column] for column in CHANGED_COLUMNS},
         sync_status=SyncStatus.PENDING.value,
         updated_at=func.now(),
         **FRESH_SYNC_STATE,
     )
-    .returning(*_USERS.columns, _LOCKED.c.sync_status.label("sync_status_before"))
+    .returning(_USERS.c.id, _USERS.c.updated_at)
+    .cte("written")
 )
+_HELD_BACK = superseding_held(
+    and_(
+        OutboxEvent.user_id == any_(bindparam("held_ids", type_=ARRAY(BigInteger))),
+        OutboxEvent.user_id.in_(select(_WRITTEN.c.id)),
+    )
+).cte("held_back")
+# Users changed from the rows read, each only if its row is still the one read, with the events
+# of those written; the relays are woken. The variant with the held-back events of some of them
+# superseded runs only when there are such users: its plan can cost a scan of the events not
+# yet sent.
+_WRITE_CHANGES = (
+    select(_WRITTEN)
+    .join_from(_WRITTEN, select(WAKE_RELAYS).subquery("wake"), true())
+    .add_cte(inserted_events(select(_WRITTEN.c.id)))
+)
+_WRITE_CHANGES_SUPERSEDING_HELD = _WRITE_CHANGES.add_cte(_HELD_BACK)
 
 
-@dataclass(frozen=True, slots=True)
-class ChangedUser:
-    user: User
-    # The user's sync status when the change began.
-    sync_status_before: str
+async def read_for_change(
+    statements: Statements, user_ids: Sequence[int], *, lock: bool
+) -> dict[int, dict[str, Any]]:
+    """The users that exist among `user_ids`, by id: each row's columns and its
+    `row_version`. With `lock` (in a transaction), locked in id order until it ends."""
+    rows = await statements.rows(
+        _LOCK_FOR_CHANGE if lock else _READ_FOR_CHANGE, {"ids": list(user_ids)}
+    )
+    return {row["id"]: dict(row) for row in rows}
+
+
+async def write_changes(
+    statements: Statements,
+    users: Sequence[dict[str, Any]],
+    events: Sequence[tuple[int, EventDraft]],
+    held: Sequence[int],
+) -> dict[int, datetime]:
+    """Writes users changed from the rows `read_for_change` gave (each with its
+    `row_version`), with their events, in one statement: a user is written only if its row is
+    still the one read, and only a written user's events are added and, for those in `held`,
+    its held-back events superseded. When each user written was written (`updated_at`); a
+    user left out was changed meanwhile, and so were none of its events added."""
+    parameters: dict[str, Any] = {
+        "ids": [user["id"] for user in users],
+        "row_versions": [user["row_version"] for user in users],
+        **{f"new_{column}": [user[column] for user in users] for column in CHANGED_COLUMNS},
+        **event_parameters(events),
+    }
+    if held:
+        parameters["held_ids"] = list(held)
+    rows = await statements.rows(
+        _WRITE_CHANGES_SUPERSEDING_HELD if held else _WRITE_CHANGES, parameters
+    )
+    return {row["id"]: row["updated_at"] for row in rows}
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,7 +358,7 @@ configure_mappers()
 _NEW_USER = inspect(User).class_manager.new_instance
 
 
-def _user(row: Any) -> User:
+def user_from_row(row: Any) -> User:
     """A `User` (not in the session) from a row that has every column of the table. Filled the
     way the ORM's loader fills what it reads, not through the constructor: the constructor's
     attribute events cost several times what the rest of a write does with the user."""
@@ -333,46 +385,15 @@ class UserRepository:
         connection, inside its transaction when one is open (a single statement is atomic
         either way); only the user ids, assigned by that statement, are written into the
         events by the database."""
-        rows = await _insert_with_events(await self.session.connection(), list(users))
-        return [_user(row) for row in rows]
+        async with driver_of(await self.session.connection()) as driver:
+            rows = await _insert_with_events(driver, users)
+        return [user_from_row(row) for row in rows]
 
     async def get(self, user_id: int) -> User | None:
         result = await self.session.scalars(
             _SELECT_USER, {"user_id": user_id}, execution_options={"populate_existing": True}
         )
         return result.one_or_none()
-
-    async def change_fields(
-        self, changes: Sequence[tuple[int, dict[str, Any]]]
-    ) -> list[ChangedUser | None]:
-        """Applies changes made through the API (a user id and new values of some of
-        `CHANGEABLE`), in the order given: each one whose values differ from the user's bumps
-        the version (and each changed field's), starts the sync state afresh and gives the
-        user as changed, locked; None for one that changes nothing or names no user. A forced
-        restatement still pending stays forced.
-
-        One statement for all, or one for each further change of a user named again."""
-        results: list[ChangedUser | None] = [None] * len(changes)
-        waiting = list(range(len(changes)))
-        while waiting:
-            now: list[int] = []
-            later: list[int] = []
-            named: set[int] = set()
-            for n in waiting:
-                user_id = changes[n][0]
-                (later if user_id in named else now).append(n)
-                named.add(user_id)
-            parameters: dict[str, Any] = {"ids": [changes[n][0] for n in now]}
-            for field in CHANGEABLE:
-                parameters[f"new_{field}"] = [changes[n][1].get(field) for n in now]
-            rows = await self.session.execute(_CHANGE_FIELDS, parameters)
-            changed = {row["id"]: row for row in rows.mappings()}
-            for n in now:
-                row = changed.get(changes[n][0])
-                if row is not None:
-                    results[n] = ChangedUser(_user(row), row["sync_status_before"])
-            waiting = later
-        return results
 
     async def get_with_events(
         self, wanted: Sequence[tuple[int, UUID | None]]

@@ -1,32 +1,45 @@
 """The rules of the users API. Never commits: the request's session does, so the change and
 its outbox event land in one transaction (a create is a single statement that writes both, see
-`UserRepository.create_many`); the app's groups of creates and of changes commit by
-themselves (`grouped_creates`, `grouped_changes`)."""
+`UserRepository.create_many`, and so is the write of a group of changes, see
+`apply_changes`); the app's groups of creates and of changes run on connections of their own,
+each statement a transaction (`grouped_creates`, `grouped_changes`)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import MutableSequence, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import phonenumbers
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from b24sync.batching import Coalescer
 from b24sync.contracts import Pattern
-from b24sync.core.db import committing, one_item_to_blame
+from b24sync.core.db import InSession, OnDriver, Statements, one_item_to_blame
 from b24sync.core.exceptions import FieldValidationError, NotFoundError
 from b24sync.core.models import OutboxEvent, SyncStatus, User
 from b24sync.core.outbox import repository as outbox_repository
-from b24sync.core.outbox.service import NewUserState, outbox_service
-from b24sync.core.users.repository import GROUPED_CREATES, MAX_GROUP, NewUser, UserRepository
+from b24sync.core.outbox.service import EventDraft, NewUserState, outbox_service
+from b24sync.core.users.repository import (
+    FRESH_SYNC_STATE,
+    GROUPED_CREATES,
+    MAX_GROUP,
+    NewUser,
+    UserRepository,
+    read_for_change,
+    user_from_row,
+    write_changes,
+)
 from b24sync.core.users.schemas import UserCreate, UserMove, UserUpdate
 from b24sync.settings import Settings
 
 DEFAULT_STAGE = "NEW"
 # Key of the app's group of updates and moves in `Session.info` (see `grouped_changes`).
 GROUPED_CHANGES = "grouped_changes"
+# Rounds of a group of changes before the users changed meanwhile are locked (`apply_changes`).
+OPTIMISTIC_TRIES = 2
 
 
 class UserNotFoundError(NotFoundError):
@@ -143,39 +156,114 @@ class UserService:
         if group is not None:
             user = await group.submit(change)
         else:
-            (user,) = await self.apply_changes(session, settings, [change])
-        # None: nothing changed (no new version, nothing for Bitrix24 to do), or no such user.
-        return user if user is not None else await self.get(session, user_id)
+            (user,) = await self.apply_changes(InSession(session), settings, [change])
+        if user is None:
+            raise UserNotFoundError(user_id)
+        return user
 
     async def apply_changes(
-        self, session: AsyncSession, settings: Settings, changes: Sequence[UserChange]
+        self, statements: Statements, settings: Settings, changes: Sequence[UserChange]
     ) -> Sequence[User | None]:
-        """Applies updates and moves in the order given, each with its event, in the session's
-        transaction; each change's user as changed, or None when it changed nothing. The
-        users stay locked until the commit, so a user's events follow commit order."""
-        changed = await UserRepository(session).change_fields(
-            [(change.user_id, change.values) for change in changes]
-        )
-        users: list[User | None] = []
-        events: list[tuple[User, Pattern]] = []
-        for change, result in zip(changes, changed, strict=True):
-            users.append(result.user if result is not None else None)
-            if result is None:
-                continue
+        """Applies updates and moves in the order given, each that changes something with its
+        new version and event; each change's user as it left it (None: no such user).
+
+        The users are read, the changes applied to what was read, and the users written with
+        their events in one statement that writes a user only if its row is still the one read.
+        Without a transaction that is two round trips and no lock held between them; the
+        changes of a user changed meanwhile are applied again to its new row, after
+        `OPTIMISTIC_TRIES` in a transaction that locks it. In a transaction the read locks the
+        users, so the write cannot miss. Either way a user's events follow commit order."""
+        results: MutableSequence[User | None] = [None] * len(changes)
+        waiting = list(range(len(changes)))
+        for _ in range(OPTIMISTIC_TRIES):
+            waiting = await _change_round(statements, settings, changes, waiting, results)
+            if not waiting:
+                return results
+        async with statements.transaction():
+            waiting = await _change_round(statements, settings, changes, waiting, results)
+        if waiting:
+            raise RuntimeError(f"{len(waiting)} changes of locked users were not written")
+        return results
+
+
+async def _change_round(
+    statements: Statements,
+    settings: Settings,
+    changes: Sequence[UserChange],
+    waiting: list[int],
+    results: MutableSequence[User | None],
+) -> list[int]:
+    """Applies the `waiting` changes (indexes into `changes`) to the users as read, fills
+    in their `results`, and returns those of users changed meanwhile, to apply again."""
+    rows = await read_for_change(
+        statements,
+        list({changes[n].user_id for n in waiting}),
+        lock=statements.in_transaction,
+    )
+    # Each user as the changes so far left it, built once for its event and its answers.
+    current: dict[int, User] = {}
+    answers: dict[int, User] = {}
+    events: list[tuple[int, EventDraft]] = []
+    held: list[int] = []
+    for n in waiting:
+        change = changes[n]
+        row = rows.get(change.user_id)
+        if row is None:
+            continue
+        after = changed_row(row, change.values)
+        if after is not None:
+            pattern = change.pattern
             # A Bitrix service that needs the lead id for an update or a move (hold mode)
-            # cannot use them while the user's create has failed: the change goes as a create
-            # instead, carrying every field, in place of the changes held back.
+            # cannot use them while the user's create has failed: the change goes as a
+            # create instead, carrying every field, in place of the changes held back.
             if (
                 settings.hold_until_lead_id
-                and result.user.bitrix_lead_id is None
-                and result.sync_status_before == SyncStatus.FAILED.value
+                and row["bitrix_lead_id"] is None
+                and row["sync_status"] == SyncStatus.FAILED.value
             ):
-                await outbox_service.supersede_held(session, [result.user.id])
-                events.append((result.user, Pattern.USER_CREATED))
-            else:
-                events.append((result.user, change.pattern))
-        await outbox_service.record(session, events, settings.rabbitmq_reply_queue)
-        return users
+                held.append(change.user_id)
+                pattern = Pattern.USER_CREATED
+            rows[change.user_id] = after
+            current[change.user_id] = user = user_from_row(after)
+            draft = outbox_service.draft(user, pattern, settings.rabbitmq_reply_queue)
+            events.append((change.user_id, draft))
+        elif change.user_id not in current:
+            current[change.user_id] = user_from_row(row)
+        answers[n] = current[change.user_id]
+    changed = {user_id: rows[user_id] for user_id, _ in events}
+    written = (
+        await write_changes(statements, list(changed.values()), events, held) if changed else {}
+    )
+    left = []
+    for n, user in answers.items():
+        user_id = changes[n].user_id
+        if user_id in changed and user_id not in written:
+            left.append(n)
+            continue
+        if user.updated_at is None:
+            # Filled the way `user_from_row` fills a user, without attribute events.
+            user.__dict__["updated_at"] = written[user_id]
+        results[n] = user
+    return left
+
+
+def changed_row(row: dict[str, Any], values: dict[str, Any]) -> dict[str, Any] | None:
+    """The user's row after a change of some of its fields to `values`: a new version, which
+    each field whose value differs gets too, and the sync state afresh; the time of the write
+    (`updated_at`) not known yet. None when no value differs."""
+    differs = [field for field, value in values.items() if value != row[field]]
+    if not differs:
+        return None
+    version = row["version"] + 1
+    return {
+        **row,
+        **{field: values[field] for field in differs},
+        **{f"{field}_version": version for field in differs},
+        "version": version,
+        "sync_status": SyncStatus.PENDING.value,
+        **FRESH_SYNC_STATE,
+        "updated_at": None,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,17 +275,16 @@ class UserChange:
     pattern: Pattern
 
 
-def grouped_changes(
-    sessionmaker: async_sessionmaker[AsyncSession], settings: Settings
-) -> Coalescer[UserChange, User | None]:
-    """Updates and moves from concurrent requests, applied together: one transaction, one
-    `UPDATE` and one insert of events for the group instead of four round trips each. Each
-    caller still answers only after its own change is committed; a change the database
-    refuses is tried again alone, so it fails only its own request."""
+def grouped_changes(pool: asyncpg.Pool, settings: Settings) -> Coalescer[UserChange, User | None]:
+    """Updates and moves from concurrent requests, applied together: one read of the group's
+    users and one statement that writes them with their events, two round trips for the group
+    and no transaction left open between them. Each caller still answers only after its own
+    change is committed; a change the database refuses is tried again alone, so it fails only
+    its own request."""
 
     async def apply(changes: list[UserChange]) -> list[User | None]:
-        async with committing(sessionmaker) as session:
-            return list(await user_service.apply_changes(session, settings, changes))
+        async with pool.acquire() as driver:
+            return list(await user_service.apply_changes(OnDriver(driver), settings, changes))
 
     return Coalescer(
         apply,
