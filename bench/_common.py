@@ -208,13 +208,19 @@ class KeepAliveConnection:
 
 def cpu_seconds(process: subprocess.Popen[bytes]) -> float:
     """CPU time used so far by a process and its children (uvicorn's workers)."""
+    return sum(cpu_seconds_by_name(process).values())
+
+
+def cpu_seconds_by_name(process: subprocess.Popen[bytes]) -> dict[str, float]:
+    """The same, by process name: Core's outbox relay names its process `b24sync-relay`."""
     root = psutil.Process(process.pid)
-    total = 0.0
+    totals: dict[str, float] = {}
     for member in [root, *root.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess):
             times = member.cpu_times()
-            total += times.user + times.system
-    return total
+            name = member.name()
+            totals[name] = totals.get(name, 0.0) + times.user + times.system
+    return totals
 
 
 def service_cpu_seconds() -> dict[str, float]:
