@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     # meanwhile (see `grouped_changes` in core/users/service.py). Two: a group holds no lock
     # between its read and its write, so the next one reads while it writes.
     change_groups_in_flight: int = Field(default=2, ge=1)
+    # Rows of users the groups of changes keep as last written or read, so that the next change
+    # of such a user is one round trip, not a read and a write (0: none kept).
+    change_row_cache: int = Field(default=4096, ge=0)
     db_pool_size: int = 20
     db_max_overflow: int = 10
     # Replies Core handles at once, applied in groups of up to this many to a transaction (one

@@ -1,7 +1,8 @@
-"""Concurrent updates and moves applied together, on the real PostgreSQL: one read and one write
-per group, yet each change gets its own new version and event, a user named twice in a group
-changes twice in order, a user changed between the read and the write is changed again from
-its new row, and a change that fails fails only its own caller."""
+"""Concurrent updates and moves applied together, on the real PostgreSQL: one statement per
+group for users whose rows are known, a read and a write for the others, yet each change gets
+its own new version and event, a user named twice in a group changes twice in order, a user
+changed between the group's statements is changed again from its new row, and a change that
+fails fails only its own caller."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from b24sync.core.models import SyncStatus, User
 from b24sync.core.users.schemas import UserMove, UserUpdate
 from b24sync.core.users.service import (
     GROUPED_CHANGES,
-    OPTIMISTIC_TRIES,
+    OPTIMISTIC_ROUNDS,
+    RecentRows,
     UserChange,
     UserNotFoundError,
     grouped_changes,
@@ -261,21 +263,24 @@ async def test_changes_answer_503_while_the_database_is_unreachable_then_recover
 
 
 @dataclass
-class WriterInBetween:
-    """A group's statements on a driver connection, with another writer's statement run right
-    after each read that takes no lock: the user changes between the group's read and write."""
+class CountedStatements:
+    """A group's statements on a driver connection, counted, with another writer's statement
+    run right after each that takes no lock: the user changes between the group's statements."""
 
     statements: OnDriver
-    between: Callable[[], Awaitable[None]]
-    unlocked_reads: int = 0
+    between: Callable[[], Awaitable[None]] | None = None
+    sent: int = 0
+    unlocked: int = 0
 
     async def rows(
         self, statement: Executable, parameters: Mapping[str, Any]
     ) -> Sequence[Mapping[Any, Any]]:
         rows = await self.statements.rows(statement, parameters)
-        if set(parameters) == {"ids"} and not self.in_transaction:
-            self.unlocked_reads += 1
-            await self.between()
+        self.sent += 1
+        if not self.in_transaction:
+            self.unlocked += 1
+            if self.between is not None:
+                await self.between()
         return rows
 
     @property
@@ -304,7 +309,7 @@ async def test_a_user_changed_between_read_and_write_is_changed_again_from_its_n
             )
 
     async with write_pool.acquire() as driver:
-        statements = WriterInBetween(OnDriver(driver), reply_lands)
+        statements = CountedStatements(OnDriver(driver), reply_lands)
         changed = await user_service.apply_changes(
             statements,
             core_settings,
@@ -314,7 +319,8 @@ async def test_a_user_changed_between_read_and_write_is_changed_again_from_its_n
             ],
         )
 
-    assert statements.unlocked_reads == 2  # the second read found the reply's row
+    # Read both; wrote the calm one and read the reply's row; wrote the contested one.
+    assert statements.unlocked == 3
     assert [(user.full_name, user.version) for user in changed if user] == [
         ("Contested 2", 2),
         ("Calm 2", 2),
@@ -341,15 +347,121 @@ async def test_a_user_changed_every_time_between_read_and_write_is_changed_under
             )
 
     async with write_pool.acquire() as driver:
-        statements = WriterInBetween(OnDriver(driver), another_write)
+        statements = CountedStatements(OnDriver(driver), another_write)
         (changed,) = await user_service.apply_changes(
             statements,
             core_settings,
             [UserChange(user.id, {"stage": "CONVERTED"}, Pattern.USER_MOVED)],
         )
 
-    assert statements.unlocked_reads == OPTIMISTIC_TRIES
+    assert (statements.unlocked, statements.sent) == (OPTIMISTIC_ROUNDS, OPTIMISTIC_ROUNDS + 2)
     assert changed is not None
     assert (changed.stage, changed.version) == ("CONVERTED", 2)
     [event] = await user_events(committed, user.id)
     assert (event.pattern, event.version) == (Pattern.USER_MOVED.value, 2)
+
+
+async def change_known(
+    write_pool: asyncpg.Pool,
+    settings: Settings,
+    known: RecentRows,
+    changes: list[UserChange],
+) -> tuple[Sequence[User | None], int]:
+    """The changes applied as a group of the app applies them, with the rows `known`; and the
+    number of statements it took."""
+    async with write_pool.acquire() as driver:
+        statements = CountedStatements(OnDriver(driver))
+        changed = await user_service.apply_changes(statements, settings, changes, known)
+    return changed, statements.sent
+
+
+async def test_a_user_whose_row_is_known_is_changed_in_one_statement(
+    core_settings: Settings, write_pool: asyncpg.Pool, committed: Sessions
+) -> None:
+    users = [await create_user(committed, core_settings, f"Known {n}") for n in range(3)]
+    known = RecentRows(size=10)
+
+    def renames(round_: int) -> list[UserChange]:
+        return [
+            UserChange(user.id, {"full_name": f"Known {n} ({round_})"}, Pattern.USER_UPDATED)
+            for n, user in enumerate(users)
+        ]
+
+    _, first = await change_known(write_pool, core_settings, known, renames(1))
+    changed, second = await change_known(write_pool, core_settings, known, renames(2))
+
+    assert (first, second) == (2, 1)  # a read and a write, then the write alone
+    assert [(user.full_name, user.version) for user in changed if user] == [
+        (f"Known {n} (2)", 3) for n in range(3)
+    ]
+    for user in users:
+        events = await user_events(committed, user.id)
+        assert [event.version for event in events] == [2, 3]
+        assert events[-1].body["data"]["user"]["full_name"].endswith("(2)")
+
+
+async def test_a_known_row_written_since_is_read_again_not_written_over(
+    core_settings: Settings, write_pool: asyncpg.Pool, committed: Sessions
+) -> None:
+    user = await create_user(committed, core_settings, "Replied")
+    known = RecentRows(size=10)
+    await change_known(
+        write_pool,
+        core_settings,
+        known,
+        [UserChange(user.id, {"full_name": "Replied 2"}, Pattern.USER_UPDATED)],
+    )
+    async with committed() as session, session.begin():
+        # What a reply records, and another process's move: the row known is out of date.
+        await session.execute(
+            text(
+                "UPDATE users SET bitrix_lead_id = 502, synced_version = 2, sync_status = :synced,"
+                " stage = 'CONVERTED', stage_version = 3, version = 3 WHERE id = :id"
+            ),
+            {"synced": SyncStatus.SYNCED.value, "id": user.id},
+        )
+
+    # To the known row this move changes nothing; to the row as it is, it does.
+    (moved,), sent = await change_known(
+        write_pool,
+        core_settings,
+        known,
+        [UserChange(user.id, {"stage": "NEW"}, Pattern.USER_MOVED)],
+    )
+
+    assert sent == 2  # the write missed and read the row; then the write from it
+    assert moved is not None
+    assert (moved.stage, moved.version, moved.bitrix_lead_id) == ("NEW", 4, 502)
+    events = await user_events(committed, user.id)
+    assert [(event.pattern, event.version) for event in events] == [
+        (Pattern.USER_UPDATED.value, 2),
+        (Pattern.USER_MOVED.value, 4),
+    ]
+    assert events[-1].body["data"]["changed"] == ["stage"]
+
+
+async def test_a_change_to_nothing_new_on_a_known_row_answers_without_a_write(
+    core_settings: Settings, write_pool: asyncpg.Pool, committed: Sessions
+) -> None:
+    user = await create_user(committed, core_settings, "Still")
+    known = RecentRows(size=10)
+    move = [UserChange(user.id, {"stage": "IN_PROCESS"}, Pattern.USER_MOVED)]
+    await change_known(write_pool, core_settings, known, move)
+
+    (again,), sent = await change_known(write_pool, core_settings, known, move)
+
+    assert sent == 1  # the row known is the row as it is
+    assert again is not None
+    assert (again.stage, again.version) == ("IN_PROCESS", 2)
+    assert len(await user_events(committed, user.id)) == 1
+
+
+def test_recent_rows_keep_the_newest_up_to_their_size_and_age() -> None:
+    rows = RecentRows(size=2, max_age_s=60.0)
+    rows.put({1: {"id": 1}, 2: {"id": 2}})
+    rows.put({1: {"id": 1, "seen": 2}, 3: {"id": 3}})  # 1 is newer than 2 now
+
+    assert rows.get([1, 2, 3]) == {1: {"id": 1, "seen": 2}, 3: {"id": 3}}
+    aged = RecentRows(size=2, max_age_s=0.0)
+    aged.put({1: {"id": 1}})
+    assert aged.get([1]) == {}

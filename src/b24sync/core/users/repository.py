@@ -28,9 +28,9 @@ from sqlalchemy import (
     func,
     inspect,
     literal_column,
+    null,
     or_,
     select,
-    true,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -165,37 +165,33 @@ _SELECT_USERS_WITH_EVENTS = (
 
 # The fields an update or a move can change.
 CHANGEABLE = tuple(field.value for field in UserField)
-# The columns a change sets from what it computed (`write_changes`): the fields, and versions.
+# The columns a change sets from what it computed (`change_users`): the fields, and versions.
 VERSION_COLUMNS = ("version", *(f"{field}_version" for field in CHANGEABLE))
 CHANGED_COLUMNS = (*CHANGEABLE, *VERSION_COLUMNS)
-# PostgreSQL's version of a row (the transaction that wrote it): a change is computed from the
-# row read and written only over that same row.
+# PostgreSQL's version of a row (the transaction that wrote it): a change is computed from a
+# row known and written only over that same row.
 _ROW_VERSION = literal_column("users.xmin").cast(Text)
-_IDS = bindparam("ids", type_=ARRAY(BigInteger))
-# Users as a group of changes reads them; locked in id order when the read is in a transaction.
-_READ_FOR_CHANGE = select(_USERS, _ROW_VERSION.label("row_version")).where(
-    _USERS.c.id == any_(_IDS)
+_ROW_KEYS = (*_USER_COLUMNS, "row_version")
+# The group's users, locked in id order whatever plan runs the UPDATE: two groups of changes, or
+# a group of changes and a group of replies, naming the same users wait for each other instead
+# of deadlocking. FOR UPDATE gives each row's latest version, also one committed after the
+# statement began.
+_LOCKED = (
+    select(_USERS, _ROW_VERSION.label("row_version"))
+    .where(_USERS.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))))
+    .order_by(_USERS.c.id)
+    .with_for_update()
+    .cte("locked")
 )
-_LOCK_FOR_CHANGE = _READ_FOR_CHANGE.order_by(_USERS.c.id).with_for_update()
 _CHANGED = (
     func.unnest(
-        _IDS,
+        bindparam("changed_ids", type_=ARRAY(BigInteger)),
         bindparam("row_versions", type_=ARRAY(Text)),
         *(bindparam(f"new_{field}", type_=ARRAY(Text)) for field in CHANGEABLE),
         *(bindparam(f"new_{column}", type_=ARRAY(Integer)) for column in VERSION_COLUMNS),
     )
     .table_valued("id", "row_version", *CHANGED_COLUMNS)
     .render_derived(name="change")
-)
-# The users named, locked first and in id order, whatever plan runs the UPDATE: two groups of
-# changes, or a group of changes and a group of replies, naming the same users wait for each
-# other instead of deadlocking.
-_LOCKED = (
-    select(_USERS.c.id)
-    .where(_USERS.c.id == any_(_IDS))
-    .order_by(_USERS.c.id)
-    .with_for_update()
-    .subquery("locked")
 )
 _WRITTEN = (
     update(_USERS)
@@ -210,61 +206,82 @@ _WRITTEN = (
         updated_at=func.now(),
         **FRESH_SYNC_STATE,
     )
-    .returning(_USERS.c.id, _USERS.c.updated_at)
+    .returning(_USERS.c.id, _USERS.c.updated_at, _ROW_VERSION.label("row_version"))
     .cte("written")
 )
 _HELD_BACK = superseding_held(
     and_(
-        OutboxEvent.user_id == any_(bindparam("held_ids", type_=ARRAY(BigInteger))),
-        OutboxEvent.user_id.in_(select(_WRITTEN.c.id)),
+        OutboxEvent.user_id == _WRITTEN.c.id,
+        _WRITTEN.c.id == any_(bindparam("held_ids", type_=ARRAY(BigInteger))),
     )
 ).cte("held_back")
-# Users changed from the rows read, each only if its row is still the one read, with the events
-# of those written; the relays are woken. The variant with the held-back events of some of them
-# superseded runs only when there are such users: its plan can cost a scan of the events not
-# yet sent.
-_WRITE_CHANGES = (
-    select(_WRITTEN)
-    .join_from(_WRITTEN, select(WAKE_RELAYS).subquery("wake"), true())
+# Users changed from the rows known, each only if its row is still the one known, with the
+# events of those written, the relays woken if any was; every user named as it is now (written:
+# when, and its new row version). The variant with the held-back events of some of them
+# superseded runs only when there are such users.
+_CHANGE_USERS = (
+    select(
+        _WRITTEN.c.id,
+        _WRITTEN.c.updated_at.label("written_at"),
+        _WRITTEN.c.row_version.label("written_version"),
+        # Evaluated once, and only when a user was written.
+        select(WAKE_RELAYS).scalar_subquery().label("relays_woken"),
+        *(null().label(column) for column in _ROW_KEYS[1:]),
+    )
+    .union_all(
+        select(
+            _LOCKED.c.id,
+            null(),
+            null(),
+            null(),
+            *(_LOCKED.c[column] for column in _ROW_KEYS[1:]),
+        ).where(_LOCKED.c.id.not_in(select(_WRITTEN.c.id)))
+    )
     .add_cte(inserted_events(select(_WRITTEN.c.id)))
 )
-_WRITE_CHANGES_SUPERSEDING_HELD = _WRITE_CHANGES.add_cte(_HELD_BACK)
+_CHANGE_USERS_SUPERSEDING_HELD = _CHANGE_USERS.add_cte(_HELD_BACK)
 
 
-async def read_for_change(
-    statements: Statements, user_ids: Sequence[int], *, lock: bool
-) -> dict[int, dict[str, Any]]:
-    """The users that exist among `user_ids`, by id: each row's columns and its
-    `row_version`. With `lock` (in a transaction), locked in id order until it ends."""
-    rows = await statements.rows(
-        _LOCK_FOR_CHANGE if lock else _READ_FOR_CHANGE, {"ids": list(user_ids)}
-    )
-    return {row["id"]: dict(row) for row in rows}
+@dataclass(frozen=True, slots=True)
+class ChangedUsers:
+    """What `change_users` did: when each user written was written, with its new row version;
+    each other user named as it is now (its columns and `row_version`)."""
+
+    written: dict[int, tuple[datetime, str]]
+    current: dict[int, dict[str, Any]]
 
 
-async def write_changes(
+async def change_users(
     statements: Statements,
-    users: Sequence[dict[str, Any]],
+    user_ids: Sequence[int],
+    changed: Sequence[dict[str, Any]],
     events: Sequence[tuple[int, EventDraft]],
     held: Sequence[int],
-) -> dict[int, datetime]:
-    """Writes users changed from the rows `read_for_change` gave (each with its
-    `row_version`), with their events, in one statement: a user is written only if its row is
-    still the one read, and only a written user's events are added and, for those in `held`,
-    its held-back events superseded. When each user written was written (`updated_at`); a
-    user left out was changed meanwhile, and so were none of its events added."""
+) -> ChangedUsers:
+    """In one statement: writes the users `changed` (rows computed from rows known, each with
+    the known row's `row_version`) whose rows are still the ones known, with their events, and,
+    for those in `held`, their held-back events superseded; reads every other user of
+    `user_ids`. A user named but not found does not exist. The users are locked in id order,
+    until the transaction ends when there is one."""
     parameters: dict[str, Any] = {
-        "ids": [user["id"] for user in users],
-        "row_versions": [user["row_version"] for user in users],
-        **{f"new_{column}": [user[column] for user in users] for column in CHANGED_COLUMNS},
+        "ids": list(user_ids),
+        "changed_ids": [user["id"] for user in changed],
+        "row_versions": [user["row_version"] for user in changed],
+        **{f"new_{column}": [user[column] for user in changed] for column in CHANGED_COLUMNS},
         **event_parameters(events),
     }
     if held:
         parameters["held_ids"] = list(held)
     rows = await statements.rows(
-        _WRITE_CHANGES_SUPERSEDING_HELD if held else _WRITE_CHANGES, parameters
+        _CHANGE_USERS_SUPERSEDING_HELD if held else _CHANGE_USERS, parameters
     )
-    return {row["id"]: row["updated_at"] for row in rows}
+    outcome = ChangedUsers({}, {})
+    for row in rows:
+        if row["written_version"] is None:
+            outcome.current[row["id"]] = {key: row[key] for key in _ROW_KEYS}
+        else:
+            outcome.written[row["id"]] = (row["written_at"], row["written_version"])
+    return outcome
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,8 @@ each statement a transaction (`grouped_creates`, `grouped_changes`)."""
 from __future__ import annotations
 
 import math
-from collections.abc import MutableSequence, Sequence
+import time
+from collections.abc import Iterable, MutableSequence, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +29,8 @@ from b24sync.core.users.repository import (
     MAX_GROUP,
     NewUser,
     UserRepository,
-    read_for_change,
+    change_users,
     user_from_row,
-    write_changes,
 )
 from b24sync.core.users.schemas import UserCreate, UserMove, UserUpdate
 from b24sync.settings import Settings
@@ -38,8 +38,9 @@ from b24sync.settings import Settings
 DEFAULT_STAGE = "NEW"
 # Key of the app's group of updates and moves in `Session.info` (see `grouped_changes`).
 GROUPED_CHANGES = "grouped_changes"
-# Rounds of a group of changes before the users changed meanwhile are locked (`apply_changes`).
-OPTIMISTIC_TRIES = 2
+# Statements of a group of changes before the users changed meanwhile are locked
+# (`apply_changes`): the read of a user not known, its write, and one more after a miss.
+OPTIMISTIC_ROUNDS = 3
 
 
 class UserNotFoundError(NotFoundError):
@@ -162,27 +163,42 @@ class UserService:
         return user
 
     async def apply_changes(
-        self, statements: Statements, settings: Settings, changes: Sequence[UserChange]
+        self,
+        statements: Statements,
+        settings: Settings,
+        changes: Sequence[UserChange],
+        known: RecentRows | None = None,
     ) -> Sequence[User | None]:
         """Applies updates and moves in the order given, each that changes something with its
         new version and event; each change's user as it left it (None: no such user).
 
-        The users are read, the changes applied to what was read, and the users written with
-        their events in one statement that writes a user only if its row is still the one read.
-        Without a transaction that is two round trips and no lock held between them; the
-        changes of a user changed meanwhile are applied again to its new row, after
-        `OPTIMISTIC_TRIES` in a transaction that locks it. In a transaction the read locks the
-        users, so the write cannot miss. Either way a user's events follow commit order."""
+        The changes are applied to the users' rows as known (`known`: as this process last
+        wrote or read them), and the users written with their events in one statement that
+        writes a user only if its row is still the one known, and reads the others. A user not
+        known, or changed meanwhile, is changed again from the row read, in the next statement:
+        one round trip for a group of users known, two for the others, and no lock held between
+        them. After `OPTIMISTIC_ROUNDS` the users left are changed in a transaction, whose
+        first statement locks them. In a transaction every statement locks its users, so the
+        second cannot miss. Either way a user's events follow commit order."""
         results: MutableSequence[User | None] = [None] * len(changes)
+        rows = known.get({change.user_id for change in changes}) if known is not None else {}
         waiting = list(range(len(changes)))
-        for _ in range(OPTIMISTIC_TRIES):
-            waiting = await _change_round(statements, settings, changes, waiting, results)
+        for _ in range(OPTIMISTIC_ROUNDS):
+            waiting = await _change_round(statements, settings, changes, waiting, rows, results)
             if not waiting:
-                return results
-        async with statements.transaction():
-            waiting = await _change_round(statements, settings, changes, waiting, results)
-        if waiting:
-            raise RuntimeError(f"{len(waiting)} changes of locked users were not written")
+                break
+        else:
+            async with statements.transaction():
+                for _ in range(2):
+                    waiting = await _change_round(
+                        statements, settings, changes, waiting, rows, results
+                    )
+                    if not waiting:
+                        break
+            if waiting:
+                raise RuntimeError(f"{len(waiting)} changes of locked users were not written")
+        if known is not None:
+            known.put(rows)
         return results
 
 
@@ -191,15 +207,13 @@ async def _change_round(
     settings: Settings,
     changes: Sequence[UserChange],
     waiting: list[int],
+    rows: dict[int, dict[str, Any]],
     results: MutableSequence[User | None],
 ) -> list[int]:
-    """Applies the `waiting` changes (indexes into `changes`) to the users as read, fills
-    in their `results`, and returns those of users changed meanwhile, to apply again."""
-    rows = await read_for_change(
-        statements,
-        list({changes[n].user_id for n in waiting}),
-        lock=statements.in_transaction,
-    )
+    """Applies the `waiting` changes (indexes into `changes`) of the users whose `rows` are
+    known, writes them and reads the users not known, in one statement; fills in the
+    `results` of the changes done, and returns those to apply again, to the row read (put in
+    `rows`). A user written gets its new row in `rows`; a user that does not exist leaves it."""
     # Each user as the changes so far left it, built once for its event and its answers.
     current: dict[int, User] = {}
     answers: dict[int, User] = {}
@@ -230,20 +244,34 @@ async def _change_round(
         elif change.user_id not in current:
             current[change.user_id] = user_from_row(row)
         answers[n] = current[change.user_id]
-    changed = {user_id: rows[user_id] for user_id, _ in events}
-    written = (
-        await write_changes(statements, list(changed.values()), events, held) if changed else {}
-    )
+    user_ids = list(dict.fromkeys(changes[n].user_id for n in waiting))
+    changed_ids = dict.fromkeys(user_id for user_id, _ in events)
+    changed = [rows[user_id] for user_id in changed_ids]
+    outcome = await change_users(statements, user_ids, changed, events, held)
+    for user_id, (updated_at, row_version) in outcome.written.items():
+        rows[user_id].update(updated_at=updated_at, row_version=row_version)
     left = []
-    for n, user in answers.items():
+    for n in waiting:
         user_id = changes[n].user_id
-        if user_id in changed and user_id not in written:
+        now = outcome.current.get(user_id)
+        if user_id in outcome.written:
+            user = answers[n]
+            if user.updated_at is None:
+                # Filled the way `user_from_row` fills a user, without attribute events.
+                user.__dict__["updated_at"] = rows[user_id]["updated_at"]
+            results[n] = user
+        elif now is None:
+            rows.pop(user_id, None)  # no such user
+        elif (
+            n in answers
+            and user_id not in changed_ids
+            and now["row_version"] == rows[user_id]["row_version"]
+        ):
+            results[n] = answers[n]  # changes nothing, to the row as it is
+        else:
             left.append(n)
-            continue
-        if user.updated_at is None:
-            # Filled the way `user_from_row` fills a user, without attribute events.
-            user.__dict__["updated_at"] = written[user_id]
-        results[n] = user
+    for n in left:
+        rows[changes[n].user_id] = outcome.current[changes[n].user_id]
     return left
 
 
@@ -266,6 +294,38 @@ def changed_row(row: dict[str, Any], values: dict[str, Any]) -> dict[str, Any] |
     }
 
 
+class RecentRows:
+    """The rows of users this process's groups of changes last wrote or read, each with its
+    row version: up to `size`, none older than `max_age_s`. A row may be out of date (written
+    since by a reply, or by another process); it only spares the read of a user whose row is
+    still the one known, and the write's row-version check decides that. The age limit keeps a
+    row version from outliving PostgreSQL's reuse of transaction ids."""
+
+    def __init__(self, size: int, max_age_s: float = 60.0) -> None:
+        self.size = size
+        self.max_age_s = max_age_s
+        self._rows: dict[int, tuple[float, dict[str, Any]]] = {}
+
+    def get(self, user_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """The rows known of `user_ids`, by id (not to be changed: put a new row instead)."""
+        oldest = time.monotonic() - self.max_age_s
+        found = {}
+        for user_id in user_ids:
+            entry = self._rows.get(user_id)
+            if entry is not None and entry[0] > oldest:
+                found[user_id] = entry[1]
+        return found
+
+    def put(self, rows: dict[int, dict[str, Any]]) -> None:
+        """Keeps `rows` (each as it is in the database now), the oldest dropped past `size`."""
+        now = time.monotonic()
+        for user_id, row in rows.items():
+            self._rows.pop(user_id, None)
+            self._rows[user_id] = (now, row)
+        while len(self._rows) > self.size:
+            del self._rows[next(iter(self._rows))]
+
+
 @dataclass(frozen=True, slots=True)
 class UserChange:
     """An update or a move: new values of some of the user's fields."""
@@ -276,15 +336,19 @@ class UserChange:
 
 
 def grouped_changes(pool: asyncpg.Pool, settings: Settings) -> Coalescer[UserChange, User | None]:
-    """Updates and moves from concurrent requests, applied together: one read of the group's
-    users and one statement that writes them with their events, two round trips for the group
-    and no transaction left open between them. Each caller still answers only after its own
-    change is committed; a change the database refuses is tried again alone, so it fails only
-    its own request."""
+    """Updates and moves from concurrent requests, applied together: one statement that writes
+    the group's users whose rows this process knows, with their events, and reads the others
+    for a second one; no transaction left open between them. Each caller still answers only
+    after its own change is committed; a change the database refuses is tried again alone, so
+    it fails only its own request."""
+
+    known = RecentRows(settings.change_row_cache)
 
     async def apply(changes: list[UserChange]) -> list[User | None]:
         async with pool.acquire() as driver:
-            return list(await user_service.apply_changes(OnDriver(driver), settings, changes))
+            return list(
+                await user_service.apply_changes(OnDriver(driver), settings, changes, known)
+            )
 
     return Coalescer(
         apply,
