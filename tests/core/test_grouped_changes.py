@@ -262,6 +262,25 @@ async def test_changes_answer_503_while_the_database_is_unreachable_then_recover
     ]
 
 
+async def reply_recorded(
+    sessions: Sessions, user_id: int, lead_id: int, synced_version: int
+) -> None:
+    """What the success of a user's create records, once: its lead and the version confirmed."""
+    async with sessions() as session, session.begin():
+        await session.execute(
+            text(
+                "UPDATE users SET bitrix_lead_id = :lead_id, synced_version = :synced_version,"
+                " sync_status = :synced WHERE id = :id AND bitrix_lead_id IS NULL"
+            ),
+            {
+                "lead_id": lead_id,
+                "synced_version": synced_version,
+                "synced": SyncStatus.SYNCED.value,
+                "id": user_id,
+            },
+        )
+
+
 @dataclass
 class CountedStatements:
     """A group's statements on a driver connection, counted, with another writer's statement
@@ -298,15 +317,7 @@ async def test_a_user_changed_between_read_and_write_is_changed_again_from_its_n
     calm = await create_user(committed, core_settings, "Calm")
 
     async def reply_lands() -> None:
-        # What the success of the create records: the lead and the confirmed version.
-        async with committed() as session, session.begin():
-            await session.execute(
-                text(
-                    "UPDATE users SET bitrix_lead_id = 501, synced_version = 1,"
-                    " sync_status = :synced WHERE id = :id AND bitrix_lead_id IS NULL"
-                ),
-                {"synced": SyncStatus.SYNCED.value, "id": contested.id},
-            )
+        await reply_recorded(committed, contested.id, lead_id=501, synced_version=1)
 
     async with write_pool.acquire() as driver:
         statements = CountedStatements(OnDriver(driver), reply_lands)
@@ -411,15 +422,11 @@ async def test_a_known_row_written_since_is_read_again_not_written_over(
         known,
         [UserChange(user.id, {"full_name": "Replied 2"}, Pattern.USER_UPDATED)],
     )
+    # A reply, and another process's move: the row known is out of date.
+    await reply_recorded(committed, user.id, lead_id=502, synced_version=2)
     async with committed() as session, session.begin():
-        # What a reply records, and another process's move: the row known is out of date.
-        await session.execute(
-            text(
-                "UPDATE users SET bitrix_lead_id = 502, synced_version = 2, sync_status = :synced,"
-                " stage = 'CONVERTED', stage_version = 3, version = 3 WHERE id = :id"
-            ),
-            {"synced": SyncStatus.SYNCED.value, "id": user.id},
-        )
+        moved = "UPDATE users SET stage = 'CONVERTED', stage_version = 3, version = 3"
+        await session.execute(text(moved + " WHERE id = :id"), {"id": user.id})
 
     # To the known row this move changes nothing; to the row as it is, it does.
     (moved,), sent = await change_known(
