@@ -73,9 +73,9 @@ class Settings(BaseSettings):
     # written together by the next one (see core/users/repository.py). One at a time makes
     # fuller groups: fewer round trips per write, and more writes a second, not fewer.
     create_groups_in_flight: int = Field(default=1, ge=1)
-    # The same for updates and moves: one read and one write for the changes that arrive
-    # meanwhile (see `grouped_changes` in core/users/service.py). Two: a group holds no lock
-    # between its read and its write, so the next one reads while it writes.
+    # The same for updates and moves: one statement (two for users not known) for the changes that
+    # arrive meanwhile (see `grouped_changes` in core/users/service.py). Two: a group holds no lock
+    # between its statements, so the next one runs while it waits.
     change_groups_in_flight: int = Field(default=2, ge=1)
     # Rows of users the groups of changes keep as last written or read, so that the next change
     # of such a user is one round trip, not a read and a write (0: none kept).

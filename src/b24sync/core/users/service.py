@@ -182,19 +182,19 @@ class UserService:
         second cannot miss. Either way a user's events follow commit order."""
         results: MutableSequence[User | None] = [None] * len(changes)
         rows = known.get({change.user_id for change in changes}) if known is not None else {}
-        waiting = list(range(len(changes)))
-        for _ in range(OPTIMISTIC_ROUNDS):
-            waiting = await _change_round(statements, settings, changes, waiting, rows, results)
-            if not waiting:
-                break
-        else:
+
+        async def rounds(most: int, waiting: list[int]) -> list[int]:
+            for _ in range(most):
+                if not waiting:
+                    break
+                waiting = await _change_round(statements, settings, changes, waiting, rows, results)
+            return waiting
+
+        waiting = await rounds(OPTIMISTIC_ROUNDS, list(range(len(changes))))
+        if waiting:
+            # The first statement locks the users left, so the second cannot miss.
             async with statements.transaction():
-                for _ in range(2):
-                    waiting = await _change_round(
-                        statements, settings, changes, waiting, rows, results
-                    )
-                    if not waiting:
-                        break
+                waiting = await rounds(2, waiting)
             if waiting:
                 raise RuntimeError(f"{len(waiting)} changes of locked users were not written")
         if known is not None:
