@@ -310,6 +310,56 @@ async def test_a_trickle_leaves_at_once_and_a_large_batch_makes_the_next_wait_fo
     assert 0.05 < first - second < 0.15
 
 
+async def _relay_listens(committed: Sessions) -> bool | None:
+    """Whether the relay's LISTEN connection listens, by the last statement PostgreSQL saw on
+    it (None: there is no such connection)."""
+    async with committed() as session:
+        last = await session.scalar(
+            text(
+                "SELECT query FROM pg_stat_activity WHERE datname = current_database()"
+                " AND state = 'idle' AND query ~ '^(UN)?LISTEN '"
+            )
+        )
+    return None if last is None else last.startswith("LISTEN")
+
+
+async def test_under_load_the_relay_does_not_listen_and_listens_again_when_the_load_ends(
+    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+) -> None:
+    settings = core_settings.model_copy(
+        update={"outbox_batch_gap_ms": 2000, "outbox_batch_size": 500, "outbox_poll_interval_s": 30}
+    )
+
+    async def listening() -> bool:
+        return await _relay_listens(committed) is True
+
+    async def not_listening() -> bool:
+        return await _relay_listens(committed) is False
+
+    relay = asyncio.create_task(Relay(settings, engine).run())
+    try:
+        await eventually(listening)
+        # 400 events in one batch: the relay waits 0.8 s for company, not listening meanwhile.
+        async with committed() as session, session.begin():
+            data = UserCreate(full_name="Burst", phone="+77001112233")
+            new = [user_service.new_user(settings, data) for _ in range(400)]
+            await user_service.create_many(session, new)
+        await eventually(lambda: all_published(committed))
+        await eventually(not_listening, wait_s=0.5)
+        # Written while it does not listen: read by the batch after the gap, not the poll's.
+        during = [(await create_user(committed, settings, "During the gap")).id]
+        await drain(settings.rabbitmq_queue, 401)
+        # That batch was a lone event: the load is over, and the relay listens again.
+        await eventually(listening)
+        after = [(await create_user(committed, settings, "After")).id]
+        await drain(settings.rabbitmq_queue, 1)
+    finally:
+        relay.cancel()
+        await asyncio.gather(relay, return_exceptions=True)
+    assert max(await _published_after_creation(committed, during)) < 0.9
+    assert max(await _published_after_creation(committed, after)) < 0.25
+
+
 async def test_core_killed_mid_batch_loses_nothing(
     core_settings: Settings, engine: AsyncEngine, committed: Sessions, tmp_path: Path
 ) -> None:
