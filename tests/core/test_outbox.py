@@ -381,7 +381,7 @@ async def test_core_killed_mid_batch_loses_nothing(
                 pattern = Pattern.USER_CREATED if version == 1 else Pattern.USER_UPDATED
                 body = build_event(user, pattern, core_settings.rabbitmq_reply_queue)
                 events.append({"id": uuid4(), "user_id": user.id, "pattern": pattern.value,
-                               "version": version, "body": body.wire()})  # fmt: skip
+                               "version": version, "body": body})  # fmt: skip
         await session.execute(OutboxEvent.__table__.insert(), events)
     all_ids = set(await event_ids(committed))
 

@@ -15,6 +15,7 @@ from b24sync.contracts.messages import (
     ReplyStatus,
     UserField,
     UserPayload,
+    event_body,
     parse_event,
     parse_reply,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "ReplyStatus",
     "UserField",
     "UserPayload",
+    "event_body",
     "parse_event",
     "parse_reply",
 ]

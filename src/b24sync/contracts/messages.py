@@ -19,6 +19,7 @@ final failure under ``error``; `ReplyData` reads both shapes.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -131,16 +132,43 @@ class Event(BaseModel):
     data: EventData
 
     def wire(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "action": self.data.action.value,
-            "user": self.data.user.wire(),
-            "replyQueue": self.data.reply_queue,
-        }
-        if self.data.changed is not None:
-            data["changed"] = [field.value for field in self.data.changed]
-        if self.data.force:
-            data["force"] = True
-        return {"pattern": self.pattern.value, "data": data}
+        changed = self.data.changed
+        return event_body(
+            self.pattern.value,
+            self.data.action.value,
+            self.data.user.wire(),
+            self.data.reply_queue,
+            None if changed is None else [field.value for field in changed],
+            force=self.data.force,
+        )
+
+
+USER_KEYS = tuple(UserPayload.model_fields)
+
+
+def event_body(
+    pattern: str,
+    action: str,
+    user: Mapping[str, Any],
+    reply_queue: str,
+    changed: Sequence[str] | None,
+    *,
+    force: bool = False,
+) -> dict[str, Any]:
+    """An event as it goes on the wire, its keys in the contract's order: the user's fields
+    given in `user` (the others left out), `changed` when given, `force` only when set. The
+    one place an event's body is laid out: `Event.wire`, Core's new events and the relay's
+    copies of stored ones (built from values already checked, without the models' cost)."""
+    data: dict[str, Any] = {
+        "action": action,
+        "user": {key: user[key] for key in USER_KEYS if key in user},
+        "replyQueue": reply_queue,
+    }
+    if changed is not None:
+        data["changed"] = list(changed)
+    if force:
+        data["force"] = True
+    return {"pattern": pattern, "data": data}
 
 
 class ReplyStatus(StrEnum):

@@ -46,7 +46,7 @@ import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from b24sync.batching import LoadGap
-from b24sync.contracts import UserPayload
+from b24sync.contracts import event_body
 from b24sync.core.backoff import Backoff
 from b24sync.core.db import asyncpg_dsn
 from b24sync.core.outbox import repository
@@ -92,30 +92,23 @@ def waves(events: list[PendingEvent]) -> list[list[PendingEvent]]:
     return result
 
 
-# The contract's order of the user's fields (UserPayload's declaration order).
-_USER_KEYS = tuple(UserPayload.model_fields)
-
-
 def wire_body(stored: dict[str, Any], bitrix_lead_id: int | None) -> dict[str, Any]:
     """The stored event in the contract's key order (jsonb keeps its own order), with the
     user's lead id as it is now: one learnt after the event was recorded goes out with it.
 
-    Core wrote the body through the contract's model (`Event.wire`), so only the order needs
+    Core wrote the body in the contract's shape (`event_body`), so only the order needs
     restoring, not a second validation; that is one model build less per event on the relay.
     """
     try:
         data = stored["data"]
-        user = {**data["user"], "bitrix_lead_id": bitrix_lead_id}
-        body: dict[str, Any] = {
-            "action": data["action"],
-            "user": {key: user[key] for key in _USER_KEYS if key in user},
-            "replyQueue": data["replyQueue"],
-        }
-        if "changed" in data:
-            body["changed"] = data["changed"]
-        if data.get("force"):
-            body["force"] = True
-        return {"pattern": stored["pattern"], "data": body}
+        return event_body(
+            stored["pattern"],
+            data["action"],
+            {**data["user"], "bitrix_lead_id": bitrix_lead_id},
+            data["replyQueue"],
+            data.get("changed"),
+            force=bool(data.get("force")),
+        )
     except (KeyError, TypeError):
         return stored  # only Core writes the outbox; never hold the queue up over one event
 

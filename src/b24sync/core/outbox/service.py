@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from uuid import UUID, uuid4
 
-from b24sync.contracts import ACTION_BY_PATTERN, Event, EventData, Pattern, UserField, UserPayload
+from b24sync.contracts import ACTION_BY_PATTERN, Pattern, UserField, event_body
 from b24sync.core.db import Statements
 from b24sync.core.models import User
 from b24sync.core.outbox import repository
@@ -74,25 +74,23 @@ def changed_fields(user: UserState, *, force: bool = False) -> list[UserField]:
 
 def build_event(
     user: UserState, pattern: Pattern, reply_queue: str, *, force: bool = False
-) -> Event:
-    """The event for the user as it is now."""
+) -> dict[str, Any]:
+    """The body of the event for the user as it is now."""
     force = force or user.sync_force
-    return Event(
-        pattern=pattern,
-        data=EventData(
-            action=ACTION_BY_PATTERN[pattern],
-            user=UserPayload(
-                id=user.id,
-                full_name=user.full_name,
-                phone=user.phone,
-                stage=user.stage,
-                version=user.version,
-                bitrix_lead_id=user.bitrix_lead_id,
-            ),
-            replyQueue=reply_queue,
-            changed=changed_fields(user, force=force),
-            force=force,
-        ),
+    return event_body(
+        pattern.value,
+        ACTION_BY_PATTERN[pattern].value,
+        {
+            "id": user.id,
+            "full_name": user.full_name,
+            "phone": user.phone,
+            "stage": user.stage,
+            "bitrix_lead_id": user.bitrix_lead_id,
+            "version": user.version,
+        },
+        reply_queue,
+        [field.value for field in changed_fields(user, force=force)],
+        force=force,
     )
 
 
@@ -108,8 +106,8 @@ class OutboxService:
     def draft(
         self, user: UserState, pattern: Pattern, reply_queue: str, *, force: bool = False
     ) -> EventDraft:
-        event = build_event(user, pattern, reply_queue, force=force)
-        return EventDraft(uuid4(), pattern, user.version, event.wire())
+        body = build_event(user, pattern, reply_queue, force=force)
+        return EventDraft(uuid4(), pattern, user.version, body)
 
     async def record(
         self,
