@@ -24,10 +24,10 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from b24sync.contracts import Pattern, ReplyData
+from b24sync.contracts import Event, Pattern, ReplyData
 from b24sync.core.models import OutboxEvent, User
 from b24sync.core.outbox.process import PROCESS_NAME as RELAY_PROCESS_NAME
-from b24sync.core.outbox.relay import Relay, waves
+from b24sync.core.outbox.relay import Relay, waves, wire_body
 from b24sync.core.outbox.repository import (
     RELAY_LOCK_KEY,
     PendingEvent,
@@ -36,7 +36,7 @@ from b24sync.core.outbox.repository import (
     requeue_unanswered,
     unmark_published,
 )
-from b24sync.core.outbox.service import EventDraft, build_event, outbox_service
+from b24sync.core.outbox.service import EventDraft, NewUserState, build_event, outbox_service
 from b24sync.core.sync.service import reply_service
 from b24sync.core.users.schemas import UserCreate
 from b24sync.core.users.service import user_service
@@ -72,6 +72,27 @@ def test_waves_keep_each_users_events_apart_and_in_order() -> None:
         [(2, 1), (5, 2)],
         [(4, 1)],
     ]
+
+
+def test_an_event_is_laid_out_as_the_contract_reads_it_and_leaves_in_that_order() -> None:
+    body = build_event(
+        NewUserState("Иван Иванов", "+77001112233", "NEW"), Pattern.USER_CREATED, "q"
+    )
+    assert json.dumps(Event.model_validate(body).wire()) == json.dumps(body)
+    # As jsonb returns it (its own key order), with the lead id learnt since.
+    data = {key: body["data"][key] for key in sorted(body["data"])}
+    stored = {
+        "data": {**data, "user": dict(sorted(data["user"].items()))},
+        "pattern": "user_created",
+    }
+    sent = wire_body(stored, 42)
+    user = {**body["data"]["user"], "bitrix_lead_id": 42}
+    expected = {"pattern": "user_created", "data": {**body["data"], "user": user}}
+    assert json.dumps(sent) == json.dumps(expected)
+    assert list(sent["data"]) == ["action", "user", "replyQueue", "changed"]
+    assert list(sent["data"]["user"]) == [
+        "id", "full_name", "phone", "stage", "bitrix_lead_id", "version"
+    ]  # fmt: skip
 
 
 async def test_the_batch_is_read_only_by_the_relay_that_gets_the_lock(
