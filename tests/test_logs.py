@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -156,3 +158,25 @@ def test_a_line_leaves_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(stdout.writes) == 1
     assert stdout.writes[0].endswith(" status=201\n")
     assert "[Core] Request" in stdout.writes[0]
+
+
+def test_a_line_is_stamped_in_utc_to_the_microsecond(monkeypatch: pytest.MonkeyPatch) -> None:
+    stdout = _Writes()
+    monkeypatch.setattr("sys.stdout", stdout)
+    configure_logging("INFO")
+    try:
+        before = datetime.now(UTC)
+        get_logger("test").info("[Core] Request", status=201)
+        after = datetime.now(UTC)
+    finally:
+        structlog.reset_defaults()
+        configure_logging("DEBUG")  # as tests/conftest.py set it
+    stamp = stdout.writes[0].split(" ", 1)[0]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
+    assert before - timedelta(microseconds=1) <= datetime.fromisoformat(stamp) <= after
+
+
+def test_a_masked_name_that_needs_escaping_stays_valid_json() -> None:
+    body = json.dumps({"user": {"full_name": '"Ivan" \\ Ivanov', "phone": "+77001112233"}})
+    masked = json.loads(mask_personal(body))
+    assert masked["user"] == {"full_name": '"*** \\*** I***', "phone": "+7******2233"}

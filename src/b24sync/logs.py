@@ -13,6 +13,7 @@ import json as jsonlib
 import logging
 import re
 import sys
+import time
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
@@ -49,9 +50,12 @@ def webhook_secret(webhook_url: str) -> str | None:
 
 
 def mask_secrets(text: str) -> str:
-    text = _WEBHOOK_PATH.sub(lambda m: m.group(1) + _MASK, text)
+    # Substring tests first: most text holds neither, and they cost a fraction of a search.
+    if "/rest/" in text:
+        text = _WEBHOOK_PATH.sub(lambda m: m.group(1) + _MASK, text)
     for secret in _extra_secrets:
-        text = text.replace(secret, _MASK)
+        if secret in text:
+            text = text.replace(secret, _MASK)
     return text
 
 
@@ -83,7 +87,7 @@ def _mask_field(match: re.Match[str]) -> str:
         with contextlib.suppress(ValueError):  # a body cut short mid-escape: masked as it is
             text = jsonlib.loads(f'"{text}"')
     masked = _mask_personal_value(name, text)
-    if quote == '"':
+    if quote == '"' and not (masked.isprintable() and '"' not in masked and "\\" not in masked):
         masked = jsonlib.dumps(masked, ensure_ascii=False)[1:-1]
     return f"{match['key']}{quote}{masked}{quote}"
 
@@ -120,6 +124,26 @@ def _mask_processor(
         if key not in _OWN_KEYS:
             event_dict[key] = _mask_value(value, key)
     return event_dict
+
+
+class _UtcTimestamp:
+    """The processor that stamps each line with the time in UTC, as ISO 8601 to the microsecond
+    (`2026-01-01T00:00:00.000000Z`): the date and time of day formatted once a second, at a
+    third of the cost of structlog's `TimeStamper`."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(
+        self, _: Any, __: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        second, microsecond = divmod(time.time_ns() // 1000, 1_000_000)
+        if second != self._second:
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        event_dict["timestamp"] = f"{self._prefix}.{microsecond:06d}Z"
+        return event_dict
 
 
 def render_line(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> str:
@@ -173,7 +197,7 @@ def configure_logging(
     # context on every line.
     shared: list[Any] = [
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _UtcTimestamp(),
     ]
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, _mask_processor, renderer],
