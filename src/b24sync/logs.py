@@ -132,17 +132,18 @@ class _UtcTimestamp:
     third of the cost of structlog's `TimeStamper`."""
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        # The second and its text, replaced together: lines may come from several threads.
+        self._second: tuple[int, str] = (-1, "")
 
     def __call__(
         self, _: Any, __: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         second, microsecond = divmod(time.time_ns() // 1000, 1_000_000)
-        if second != self._second:
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second = second
-        event_dict["timestamp"] = f"{self._prefix}.{microsecond:06d}Z"
+        known = self._second
+        if known[0] != second:
+            known = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+            self._second = known
+        event_dict["timestamp"] = f"{known[1]}.{microsecond:06d}Z"
         return event_dict
 
 

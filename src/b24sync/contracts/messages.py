@@ -143,7 +143,8 @@ class Event(BaseModel):
         )
 
 
-USER_KEYS = tuple(UserPayload.model_fields)
+# The contract's order of the user's fields (UserPayload's declaration order).
+_USER_KEYS = tuple(UserPayload.model_fields)
 
 
 def event_body(
@@ -161,7 +162,7 @@ def event_body(
     copies of stored ones (built from values already checked, without the models' cost)."""
     data: dict[str, Any] = {
         "action": action,
-        "user": {key: user[key] for key in USER_KEYS if key in user},
+        "user": {key: user[key] for key in _USER_KEYS if key in user},
         "replyQueue": reply_queue,
     }
     if changed is not None:
