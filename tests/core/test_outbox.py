@@ -296,12 +296,26 @@ async def _published_after_creation(committed: Sessions, user_ids: list[int]) ->
     return [waited[user_id] for user_id in user_ids]
 
 
+def _gap_settings(core_settings: Settings) -> Settings:
+    """A relay that waits up to 2 s for company after a batch (2 ms per event of it), and
+    polls only every 30 s: what it publishes sooner, it was woken for or read after a gap."""
+    return core_settings.model_copy(
+        update={"outbox_batch_gap_ms": 2000, "outbox_batch_size": 500, "outbox_poll_interval_s": 30}
+    )
+
+
+async def _burst(committed: Sessions, settings: Settings, count: int) -> None:
+    """`count` users and their events in one transaction: one batch for the relay."""
+    async with committed() as session, session.begin():
+        data = UserCreate(full_name="Burst", phone="+77001112233")
+        new = [user_service.new_user(settings, data) for _ in range(count)]
+        await user_service.create_many(session, new)
+
+
 async def test_a_trickle_leaves_at_once_and_a_large_batch_makes_the_next_wait_for_company(
     core_settings: Settings, engine: AsyncEngine, committed: Sessions
 ) -> None:
-    settings = core_settings.model_copy(
-        update={"outbox_batch_gap_ms": 2000, "outbox_batch_size": 500, "outbox_poll_interval_s": 30}
-    )
+    settings = _gap_settings(core_settings)
     relay = asyncio.create_task(Relay(settings, engine).run())
     try:
         # A trickle: each event leaves on its own, within milliseconds, though the setting
@@ -312,10 +326,7 @@ async def test_a_trickle_leaves_at_once_and_a_large_batch_makes_the_next_wait_fo
             await drain(settings.rabbitmq_queue, 1)
             await asyncio.sleep(0.05)
         # 400 events in one batch: the next batch begins no sooner than 0.8 s after it.
-        async with committed() as session, session.begin():
-            data = UserCreate(full_name="Burst", phone="+77001112233")
-            new = [user_service.new_user(settings, data) for _ in range(400)]
-            await user_service.create_many(session, new)
+        await _burst(committed, settings, 400)
         await eventually(lambda: all_published(committed))
         after = [(await create_user(committed, settings, "After 1")).id]
         await asyncio.sleep(0.1)
@@ -344,34 +355,37 @@ async def _relay_listens(committed: Sessions) -> bool | None:
     return None if last is None else last.startswith("LISTEN")
 
 
+async def _relay_listening(committed: Sessions, listening: bool) -> bool:
+    return await _relay_listens(committed) is listening
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["", "its connection cut meanwhile"])
 async def test_under_load_the_relay_does_not_listen_and_listens_again_when_the_load_ends(
-    core_settings: Settings, engine: AsyncEngine, committed: Sessions
+    core_settings: Settings, engine: AsyncEngine, committed: Sessions, cut: bool
 ) -> None:
-    settings = core_settings.model_copy(
-        update={"outbox_batch_gap_ms": 2000, "outbox_batch_size": 500, "outbox_poll_interval_s": 30}
-    )
-
-    async def listening() -> bool:
-        return await _relay_listens(committed) is True
-
-    async def not_listening() -> bool:
-        return await _relay_listens(committed) is False
-
+    settings = _gap_settings(core_settings)
     relay = asyncio.create_task(Relay(settings, engine).run())
     try:
-        await eventually(listening)
+        await eventually(lambda: _relay_listening(committed, True))
         # 400 events in one batch: the relay waits 0.8 s for company, not listening meanwhile.
-        async with committed() as session, session.begin():
-            data = UserCreate(full_name="Burst", phone="+77001112233")
-            new = [user_service.new_user(settings, data) for _ in range(400)]
-            await user_service.create_many(session, new)
+        await _burst(committed, settings, 400)
         await eventually(lambda: all_published(committed))
-        await eventually(not_listening, wait_s=0.5)
+        await eventually(lambda: _relay_listening(committed, False), wait_s=0.5)
+        if cut:
+            async with committed() as session:
+                cut_off = await session.scalar(
+                    text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND query ~ '^UNLISTEN '"
+                    )
+                )
+            assert cut_off == 1
         # Written while it does not listen: read by the batch after the gap, not the poll's.
         during = [(await create_user(committed, settings, "During the gap")).id]
         await drain(settings.rabbitmq_queue, 401)
-        # That batch was a lone event: the load is over, and the relay listens again.
-        await eventually(listening)
+        # That batch was a lone event: the load is over, and the relay listens again (on a
+        # connection opened anew, if it was cut).
+        await eventually(lambda: _relay_listening(committed, True))
         after = [(await create_user(committed, settings, "After")).id]
         await drain(settings.rabbitmq_queue, 1)
     finally:
