@@ -296,15 +296,11 @@ class CountedStatements:
     ) -> Sequence[Mapping[Any, Any]]:
         rows = await self.statements.rows(statement, parameters)
         self.sent += 1
-        if not self.in_transaction:
+        if not self.statements.connection.is_in_transaction():
             self.unlocked += 1
             if self.between is not None:
                 await self.between()
         return rows
-
-    @property
-    def in_transaction(self) -> bool:
-        return self.statements.in_transaction
 
     def transaction(self) -> Any:
         return self.statements.transaction()

@@ -141,11 +141,6 @@ class Statements(Protocol):
         self, statement: Executable, parameters: Mapping[str, Any]
     ) -> Sequence[Mapping[Any, Any]]: ...
 
-    @property
-    def in_transaction(self) -> bool:
-        """Whether statements run in a transaction (else each is one of its own)."""
-        ...
-
     def transaction(self) -> AbstractAsyncContextManager[Any]:
         """A transaction for the statements of the block (the open one, if there is one)."""
         ...
@@ -163,10 +158,6 @@ class InSession:
             return result.mappings().all()
         except ResourceClosedError:  # a statement that returns no rows
             return []
-
-    @property
-    def in_transaction(self) -> bool:
-        return True  # a session begins one with its first statement
 
     def transaction(self) -> AbstractAsyncContextManager[Any]:
         return nullcontext()
@@ -189,10 +180,6 @@ class OnDriver:
         values = [parameters[name] if name in parameters else fixed[name] for name in names]
         rows: list[Mapping[Any, Any]] = await self.connection.fetch(sql, *values)
         return rows
-
-    @property
-    def in_transaction(self) -> bool:
-        return bool(self.connection.is_in_transaction())
 
     def transaction(self) -> AbstractAsyncContextManager[Any]:
         return self.connection.transaction()  # type: ignore[no-any-return]
