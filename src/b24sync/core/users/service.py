@@ -342,7 +342,8 @@ def grouped_changes(pool: asyncpg.Pool, settings: Settings) -> Coalescer[UserCha
     after its own change is committed; a change the database refuses is tried again alone, so
     it fails only its own request."""
 
-    known = RecentRows(settings.change_row_cache)
+    # Off (0): no rows kept, nor put and dropped again after every group.
+    known = RecentRows(settings.change_row_cache) if settings.change_row_cache else None
 
     async def apply(changes: list[UserChange]) -> list[User | None]:
         async with pool.acquire() as driver:
