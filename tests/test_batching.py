@@ -153,3 +153,13 @@ def test_a_gap_per_item_grows_with_the_group_before_up_to_the_whole_gap() -> Non
     assert gap.due == pytest.approx(10.01)
     gap.left(100, at=10.0)
     assert gap.due == pytest.approx(10.05)
+
+
+def test_a_gap_says_what_the_last_group_set_and_how_long_is_left_of_it() -> None:
+    gap = LoadGap(0.05, per_item_s=0.002)
+    gap.left(1, at=10.0)
+    assert (gap.last_gap_s, gap.wait_s(10.0)) == (0.0, 0.0)
+    gap.left(5, at=10.0)
+    assert gap.last_gap_s == pytest.approx(0.01)
+    assert gap.wait_s(10.004) == pytest.approx(0.006)
+    assert gap.wait_s(10.02) == 0.0

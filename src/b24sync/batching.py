@@ -33,18 +33,29 @@ class LoadGap:
         self._gap_s = gap_s
         self._per_item_s = per_item_s
         self._due = -math.inf
+        self._last_gap_s = 0.0
 
     def left(self, size: int, at: float) -> None:
         """A group of `size` items left at `at`."""
         gap_s = (
             self._gap_s if self._per_item_s is None else min(self._gap_s, size * self._per_item_s)
         )
-        self._due = at + gap_s if size > 1 and gap_s > 0 else -math.inf
+        self._last_gap_s = gap_s if size > 1 and gap_s > 0 else 0.0
+        self._due = at + self._last_gap_s if self._last_gap_s else -math.inf
 
     @property
     def due(self) -> float:
         """When a group that is not full may leave (-inf: at once)."""
         return self._due
+
+    @property
+    def last_gap_s(self) -> float:
+        """The gap the last group set: how long after it left the next waits (0: none)."""
+        return self._last_gap_s
+
+    def wait_s(self, now: float) -> float:
+        """How long from `now` a group that is not full still waits (0: none)."""
+        return max(0.0, self._due - now)
 
 
 class Coalescer(Generic[T, R]):

@@ -164,10 +164,10 @@ class Relay:
                     continue
                 if backoff.reset():
                     log.info("[Core] Outbox relay publishing again")
-                if self._gap.due - started >= QUIET_FROM_GAP_S:
+                if self._gap.last_gap_s >= QUIET_FROM_GAP_S:
                     # Under load: the next batch reads whatever is committed meanwhile.
                     await self._set_listening(False)
-                    await asyncio.sleep(max(0.0, self._gap.due - loop.time()))
+                    await asyncio.sleep(self._gap.wait_s(loop.time()))
                     continue
                 if await self._set_listening(True):
                     continue  # what was committed while it did not listen was never notified
@@ -175,7 +175,7 @@ class Relay:
                     await asyncio.wait_for(
                         self._wakeup.wait(), self.settings.outbox_poll_interval_s
                     )
-                if (wait_s := self._gap.due - loop.time()) > 0:
+                if wait_s := self._gap.wait_s(loop.time()):
                     await asyncio.sleep(wait_s)
         finally:
             listener.cancel()
