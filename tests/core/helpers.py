@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import asyncpg
 import httpx
 import pytest
 from sqlalchemy import select, text
@@ -22,17 +23,29 @@ from b24sync.core.app import create_app
 from b24sync.core.models import User
 from b24sync.core.outbox.service import EventDraft, UserState, outbox_service
 from b24sync.core.sync.service import Outcome, reply_service
+from b24sync.core.users.repository import grouped_creates
 from b24sync.core.users.schemas import UserCreate, UserMove, UserUpdate
-from b24sync.core.users.service import user_service
+from b24sync.core.users.service import WriteGroups, grouped_changes, user_service
 from b24sync.settings import Settings
 from tests.core.rabbit import TcpProxy
 
 Sessions = async_sessionmaker[AsyncSession]
 
 
-async def create_user(sessions: Sessions, settings: Settings, name: str = "Иван Иванов") -> User:
-    async with sessions() as session, session.begin():
-        data = UserCreate(full_name=name, phone="+77001112233", stage="NEW")
+def grouped_writes(pool: asyncpg.Pool, settings: Settings, in_flight: int) -> WriteGroups:
+    """The groups of writes as the app makes them, `in_flight` groups of each kind at a time."""
+    settings = settings.model_copy(update={"change_groups_in_flight": in_flight})
+    return WriteGroups(grouped_creates(pool, in_flight), grouped_changes(pool, settings))
+
+
+async def create_user(
+    writes: Sessions | WriteGroups, settings: Settings, name: str = "Иван Иванов"
+) -> User:
+    """A user created through the app's groups, or in a session of its own, committed."""
+    data = UserCreate(full_name=name, phone="+77001112233", stage="NEW")
+    if isinstance(writes, WriteGroups):
+        return await user_service.create(writes, settings, data)
+    async with writes() as session, session.begin():
         return await user_service.create(session, settings, data)
 
 

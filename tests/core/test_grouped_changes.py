@@ -15,19 +15,17 @@ import asyncpg
 import httpx
 import pytest
 from sqlalchemy import Executable, text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from b24sync.contracts import Pattern
-from b24sync.core.db import OnDriver, create_sessionmaker
+from b24sync.core.db import OnDriver
 from b24sync.core.models import SyncStatus, User
 from b24sync.core.users.schemas import UserMove, UserUpdate
 from b24sync.core.users.service import (
-    GROUPED_CHANGES,
     OPTIMISTIC_ROUNDS,
     RecentRows,
     UserChange,
     UserNotFoundError,
-    grouped_changes,
+    WriteGroups,
     user_service,
 )
 from b24sync.settings import Settings
@@ -39,28 +37,18 @@ from tests.core.helpers import (
     event_ids,
     events_of,
     first_answer_after_503s,
+    grouped_writes,
     proxied_database,
     running_core,
 )
 
 
-def grouped_sessions(
-    engine: AsyncEngine, pool: asyncpg.Pool, settings: Settings, in_flight: int
-) -> Sessions:
-    """Sessions as the app makes them: updates and moves go through one shared group."""
-    settings = settings.model_copy(update={"change_groups_in_flight": in_flight})
-    group = grouped_changes(pool, settings)
-    return create_sessionmaker(engine, info={GROUPED_CHANGES: group})
+async def update(groups: WriteGroups, settings: Settings, user_id: int, **fields: Any) -> User:
+    return await user_service.update(groups, settings, user_id, UserUpdate(**fields))
 
 
-async def update(sessions: Sessions, settings: Settings, user_id: int, **fields: Any) -> User:
-    async with sessions() as session, session.begin():
-        return await user_service.update(session, settings, user_id, UserUpdate(**fields))
-
-
-async def move(sessions: Sessions, settings: Settings, user_id: int, stage: str) -> User:
-    async with sessions() as session, session.begin():
-        return await user_service.move(session, settings, user_id, UserMove(stage=stage))
+async def move(groups: WriteGroups, settings: Settings, user_id: int, stage: str) -> User:
+    return await user_service.move(groups, settings, user_id, UserMove(stage=stage))
 
 
 async def user_events(sessions: Sessions, user_id: int) -> list[StoredEvent]:
@@ -69,16 +57,16 @@ async def user_events(sessions: Sessions, user_id: int) -> list[StoredEvent]:
 
 
 async def test_concurrent_changes_are_applied_together_each_with_its_own_event(
-    core_settings: Settings, engine: AsyncEngine, write_pool: asyncpg.Pool, committed: Sessions
+    core_settings: Settings, write_pool: asyncpg.Pool, committed: Sessions
 ) -> None:
     users = [await create_user(committed, core_settings, f"User {n}") for n in range(30)]
-    sessions = grouped_sessions(engine, write_pool, core_settings, in_flight=1)
+    groups = grouped_writes(write_pool, core_settings, in_flight=1)
 
     changed = await asyncio.gather(
         *(
-            update(sessions, core_settings, user.id, full_name=f"Renamed {n}")
+            update(groups, core_settings, user.id, full_name=f"Renamed {n}")
             if n % 2
-            else move(sessions, core_settings, user.id, "IN_PROCESS")
+            else move(groups, core_settings, user.id, "IN_PROCESS")
             for n, user in enumerate(users)
         )
     )
@@ -107,20 +95,20 @@ async def test_concurrent_changes_are_applied_together_each_with_its_own_event(
 
 
 async def test_a_user_changed_several_times_in_one_group_changes_in_order(
-    core_settings: Settings, engine: AsyncEngine, write_pool: asyncpg.Pool, committed: Sessions
+    core_settings: Settings, write_pool: asyncpg.Pool, committed: Sessions
 ) -> None:
     user = await create_user(committed, core_settings, "Often")
     other = await create_user(committed, core_settings, "Other")
-    sessions = grouped_sessions(engine, write_pool, core_settings, in_flight=1)
+    groups = grouped_writes(write_pool, core_settings, in_flight=1)
 
     # The first goes alone; the rest wait for it and go together.
     results = await asyncio.gather(
-        update(sessions, core_settings, other.id, full_name="Other renamed"),
-        update(sessions, core_settings, user.id, full_name="Often 1"),
-        update(sessions, core_settings, user.id, phone="+77009998877"),
-        move(sessions, core_settings, user.id, "CONVERTED"),
-        update(sessions, core_settings, user.id, full_name="Often 1"),  # changes nothing
-        update(sessions, core_settings, user.id, full_name="Often 2"),
+        update(groups, core_settings, other.id, full_name="Other renamed"),
+        update(groups, core_settings, user.id, full_name="Often 1"),
+        update(groups, core_settings, user.id, phone="+77009998877"),
+        move(groups, core_settings, user.id, "CONVERTED"),
+        update(groups, core_settings, user.id, full_name="Often 1"),  # changes nothing
+        update(groups, core_settings, user.id, full_name="Often 2"),
     )
 
     # The change that changes nothing answers with the user as it is once the group is in.
@@ -154,16 +142,16 @@ async def test_a_user_changed_several_times_in_one_group_changes_in_order(
 
 
 async def test_an_unknown_user_fails_only_its_own_change(
-    core_settings: Settings, engine: AsyncEngine, write_pool: asyncpg.Pool, committed: Sessions
+    core_settings: Settings, write_pool: asyncpg.Pool, committed: Sessions
 ) -> None:
     users = [await create_user(committed, core_settings, f"User {n}") for n in range(4)]
-    sessions = grouped_sessions(engine, write_pool, core_settings, in_flight=1)
+    groups = grouped_writes(write_pool, core_settings, in_flight=1)
     missing = users[-1].id + 1000
 
     results = await asyncio.gather(
-        *(move(sessions, core_settings, user.id, "IN_PROCESS") for user in users[:2]),
-        move(sessions, core_settings, missing, "IN_PROCESS"),
-        *(move(sessions, core_settings, user.id, "IN_PROCESS") for user in users[2:]),
+        *(move(groups, core_settings, user.id, "IN_PROCESS") for user in users[:2]),
+        move(groups, core_settings, missing, "IN_PROCESS"),
+        *(move(groups, core_settings, user.id, "IN_PROCESS") for user in users[2:]),
         return_exceptions=True,
     )
 
@@ -175,7 +163,6 @@ async def test_an_unknown_user_fails_only_its_own_change(
 
 async def test_a_change_the_database_refuses_fails_only_its_own_request(
     core_settings: Settings,
-    engine: AsyncEngine,
     write_pool: asyncpg.Pool,
     committed: Sessions,
     monkeypatch: pytest.MonkeyPatch,
@@ -183,11 +170,11 @@ async def test_a_change_the_database_refuses_fails_only_its_own_request(
     users = [await create_user(committed, core_settings, f"User {n}") for n in range(5)]
     [taken, *_] = await event_ids(committed)
     clash_events_of("Bad", taken, monkeypatch)
-    sessions = grouped_sessions(engine, write_pool, core_settings, in_flight=1)
+    groups = grouped_writes(write_pool, core_settings, in_flight=1)
     names = ["First", "Second", "Bad", "Third", "Fourth"]
     results = await asyncio.gather(
         *(
-            update(sessions, core_settings, user.id, full_name=name)
+            update(groups, core_settings, user.id, full_name=name)
             for user, name in zip(users, names, strict=True)
         ),
         return_exceptions=True,
@@ -205,7 +192,7 @@ async def test_a_change_the_database_refuses_fails_only_its_own_request(
 
 
 async def test_in_hold_mode_a_change_after_a_failed_create_goes_as_a_create(
-    core_settings: Settings, engine: AsyncEngine, write_pool: asyncpg.Pool, committed: Sessions
+    core_settings: Settings, write_pool: asyncpg.Pool, committed: Sessions
 ) -> None:
     settings = core_settings.model_copy(update={"hold_until_lead_id": True})
     failed = await create_user(committed, settings, "Failed")
@@ -215,13 +202,13 @@ async def test_in_hold_mode_a_change_after_a_failed_create_goes_as_a_create(
             text("UPDATE users SET sync_status = :failed WHERE id = :id"),
             {"failed": SyncStatus.FAILED.value, "id": failed.id},
         )
-    sessions = grouped_sessions(engine, write_pool, settings, in_flight=1)
+    groups = grouped_writes(write_pool, settings, in_flight=1)
 
     await asyncio.gather(
-        move(sessions, settings, fine.id, "IN_PROCESS"),  # alone, first
-        move(sessions, settings, fine.id, "CONVERTED"),
-        update(sessions, settings, failed.id, full_name="Failed again"),
-        move(sessions, settings, failed.id, "CONVERTED"),
+        move(groups, settings, fine.id, "IN_PROCESS"),  # alone, first
+        move(groups, settings, fine.id, "CONVERTED"),
+        update(groups, settings, failed.id, full_name="Failed again"),
+        move(groups, settings, failed.id, "CONVERTED"),
     )
 
     failed_events = await user_events(committed, failed.id)

@@ -10,11 +10,8 @@ import asyncpg
 import httpx
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from b24sync.core.db import create_sessionmaker
 from b24sync.core.models import User
-from b24sync.core.users.repository import GROUPED_CREATES, grouped_creates
 from b24sync.settings import Settings
 from tests.core.helpers import (
     Sessions,
@@ -22,22 +19,18 @@ from tests.core.helpers import (
     create_user,
     event_ids,
     first_answer_after_503s,
+    grouped_writes,
     proxied_database,
     running_core,
 )
 
 
-def grouped_sessions(engine: AsyncEngine, pool: asyncpg.Pool, in_flight: int) -> Sessions:
-    """Sessions as the app makes them: creates go through one shared group."""
-    return create_sessionmaker(engine, info={GROUPED_CREATES: grouped_creates(pool, in_flight)})
-
-
 async def test_concurrent_creates_are_written_together_each_with_its_own_event(
-    core_settings: Settings, engine: AsyncEngine, write_pool: asyncpg.Pool, committed: Sessions
+    core_settings: Settings, write_pool: asyncpg.Pool, committed: Sessions
 ) -> None:
-    sessions = grouped_sessions(engine, write_pool, in_flight=1)
+    groups = grouped_writes(write_pool, core_settings, in_flight=1)
     names = [f"User {n}" for n in range(40)]
-    users = await asyncio.gather(*(create_user(sessions, core_settings, name) for name in names))
+    users = await asyncio.gather(*(create_user(groups, core_settings, name) for name in names))
 
     assert [user.full_name for user in users] == names
     assert len({user.id for user in users}) == len(names)
@@ -60,10 +53,10 @@ async def test_concurrent_creates_are_written_together_each_with_its_own_event(
 
 
 async def test_a_create_alone_is_written_at_once(
-    core_settings: Settings, engine: AsyncEngine, write_pool: asyncpg.Pool, committed: Sessions
+    core_settings: Settings, write_pool: asyncpg.Pool, committed: Sessions
 ) -> None:
     user = await create_user(
-        grouped_sessions(engine, write_pool, in_flight=2), core_settings, "Alone"
+        grouped_writes(write_pool, core_settings, in_flight=2), core_settings, "Alone"
     )
     async with committed() as session:
         row = (await session.execute(text("SELECT id, body FROM outbox_events"))).one()
@@ -80,7 +73,6 @@ async def test_a_create_alone_is_written_at_once(
 
 async def test_a_row_the_database_refuses_fails_only_its_own_create(
     core_settings: Settings,
-    engine: AsyncEngine,
     write_pool: asyncpg.Pool,
     committed: Sessions,
     monkeypatch: pytest.MonkeyPatch,
@@ -88,10 +80,10 @@ async def test_a_row_the_database_refuses_fails_only_its_own_create(
     await create_user(committed, core_settings, "Existing")
     [taken] = await event_ids(committed)
     clash_events_of("Bad", taken, monkeypatch)
-    sessions = grouped_sessions(engine, write_pool, in_flight=1)
+    groups = grouped_writes(write_pool, core_settings, in_flight=1)
     names = ["First", "Second", "Bad", "Third", "Fourth"]
     results = await asyncio.gather(
-        *(create_user(sessions, core_settings, name) for name in names), return_exceptions=True
+        *(create_user(groups, core_settings, name) for name in names), return_exceptions=True
     )
 
     assert isinstance(results[2], asyncpg.UniqueViolationError)

@@ -4,19 +4,23 @@ requests it answers itself, which it hands to FastAPI, and that both answer alik
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
 from pydantic import SecretStr
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.types import Receive, Scope, Send
 
 from b24sync.core.app import create_app
-from b24sync.core.users.schemas import CREATE_EXAMPLE
+from b24sync.core.models import SyncStatus, User
+from b24sync.core.users.schemas import CREATE_EXAMPLE, UserRead
 from b24sync.core.users.write_path import CREATE, MOVE, UPDATE, UserWritePath, route
 from b24sync.settings import Settings
+from tests.core.helpers import running_core
 
 # Set by the database, so different for any two users.
 _UNIQUE = ("id", "created_at", "updated_at")
@@ -164,10 +168,9 @@ async def test_without_the_token_fastapi_refuses(
         assert behind.reached == ["POST /users"]
 
 
-async def test_both_paths_answer_alike(served: tuple[httpx.AsyncClient, Recorder]) -> None:
+async def _answers_by_path(http: httpx.AsyncClient) -> dict[str, list[tuple[int, Any]]]:
     """The same writes, once answered by the write path and once (a query string sends them
-    on) by FastAPI's routes: the same answers but for what makes each user unique."""
-    http, behind = served
+    on) by FastAPI's routes, each answer but for what makes each user unique."""
     answers: dict[str, list[tuple[int, Any]]] = {}
     for path, params in (("write path", {}), ("fastapi", {"via": "fastapi"})):
         created = await http.post("/users", json=CREATE_EXAMPLE, params=params)
@@ -176,9 +179,11 @@ async def test_both_paths_answer_alike(served: tuple[httpx.AsyncClient, Recorder
             created,
             await http.patch(f"/users/{user_id}", json={"full_name": "Иван Петров"}, params=params),
             await http.patch(f"/users/{user_id}", json={"full_name": "Иван Петров"}, params=params),
+            await http.patch(f"/users/{user_id}", json={}, params=params),
             await http.post(f"/users/{user_id}/move", json={"stage": "IN_PROCESS"}, params=params),
             await http.post("/users", json={**CREATE_EXAMPLE, "stage": "LOST"}, params=params),
             await http.post(f"/users/{user_id}/move", json={"stage": "NOPE"}, params=params),
+            await http.patch("/users/999999999", json={}, params=params),
         ]
         answers[path] = [
             (
@@ -187,6 +192,88 @@ async def test_both_paths_answer_alike(served: tuple[httpx.AsyncClient, Recorder
             )
             for answer in writes
         ]
+    return answers
+
+
+ALIKE_STATUSES = [201, 200, 200, 200, 200, 422, 422, 404]
+
+
+async def test_both_paths_answer_alike(served: tuple[httpx.AsyncClient, Recorder]) -> None:
+    """In a session of the request's own (an app not started through its lifespan)."""
+    http, behind = served
+    answers = await _answers_by_path(http)
     assert answers["write path"] == answers["fastapi"]
-    assert [status for status, _ in answers["fastapi"]] == [201, 200, 200, 200, 422, 422]
-    assert len(behind.reached) == 6  # only the requests with a query string
+    assert [status for status, _ in answers["fastapi"]] == ALIKE_STATUSES
+    assert [user["version"] for _, user in answers["fastapi"][:5]] == [1, 2, 2, 2, 3]
+    assert len(behind.reached) == 8  # only the requests with a query string
+
+
+async def test_through_the_app_s_groups_both_paths_answer_alike(
+    core_settings: Settings, committed: async_sessionmaker[AsyncSession]
+) -> None:
+    """The app started: every write of either path goes through its groups of writes, an
+    empty update and one of a user that does not exist included."""
+    async with running_core(core_settings) as http:
+        answers = await _answers_by_path(http)
+    assert answers["write path"] == answers["fastapi"]
+    assert [status for status, _ in answers["fastapi"]] == ALIKE_STATUSES
+    assert [user["version"] for _, user in answers["fastapi"][:5]] == [1, 2, 2, 2, 3]
+    async with committed() as session:
+        versions = (
+            await session.execute(text("SELECT version FROM outbox_events ORDER BY seq"))
+        ).scalars()
+    # Two users with events for versions 1, 2 and 3, and the refused create none.
+    assert sorted(versions) == [1, 1, 2, 2, 3, 3]
+
+
+def _user(**fields: Any) -> User:
+    now = datetime(2026, 12, 5, 21, 0, 0, 123456, tzinfo=UTC)
+    values: dict[str, Any] = {
+        "id": 7,
+        "full_name": 'Иван "Ваня" Иванов',
+        "phone": "+77001112233",
+        "stage": "NEW",
+        "bitrix_lead_id": None,
+        "version": 1,
+        "sync_status": SyncStatus.PENDING.value,
+        "synced_version": None,
+        "sync_error": None,
+        "sync_error_code": None,
+        "sync_retryable": None,
+        "sync_attempts": 0,
+        "sync_retries": 0,
+        "next_sync_at": None,
+        "sync_failed_at": None,
+        "synced_at": None,
+        "created_at": now,
+        "updated_at": now,
+    }
+    return User(**{**values, **fields})
+
+
+@pytest.mark.parametrize(
+    "user",
+    [
+        _user(),
+        _user(
+            bitrix_lead_id=4242,
+            version=5,
+            sync_status=SyncStatus.SYNCED.value,
+            synced_version=5,
+            sync_attempts=2,
+            synced_at=datetime(2026, 12, 5, 21, 0, 1, tzinfo=UTC),
+        ),
+        _user(
+            sync_status=SyncStatus.FAILED.value,
+            sync_error="Bitrix24: QUERY_LIMIT_EXCEEDED\n<b>too many</b>",
+            sync_error_code="QUERY_LIMIT_EXCEEDED",
+            sync_retryable=True,
+            sync_retries=3,
+            next_sync_at=datetime(2026, 12, 5, 21, 5, tzinfo=timezone(timedelta(hours=3))),
+            sync_failed_at=datetime(2026, 12, 5, 21, 4, 59, 999999, tzinfo=UTC),
+        ),
+    ],
+    ids=["pending", "synced", "failed"],
+)
+def test_a_write_is_answered_as_user_read_dumps_the_user(user: User) -> None:
+    assert UserRead.json_of(user) == UserRead.from_user(user).model_dump_json().encode()

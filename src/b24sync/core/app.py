@@ -50,8 +50,8 @@ from b24sync.core.sync.consumer import register_reply_consumer
 from b24sync.core.sync.endpoints import metrics_router as sync_metrics_router
 from b24sync.core.sync.endpoints import router as sync_router
 from b24sync.core.users.endpoints import router as users_router
-from b24sync.core.users.repository import GROUPED_CREATES, grouped_creates
-from b24sync.core.users.service import GROUPED_CHANGES, grouped_changes
+from b24sync.core.users.repository import grouped_creates
+from b24sync.core.users.service import WriteGroups, grouped_changes
 from b24sync.core.users.write_path import UserWritePath
 from b24sync.logs import get_logger
 from b24sync.messaging import describe_url
@@ -125,11 +125,11 @@ def create_app(settings: Settings) -> FastAPI:
         # up the other kind.
         create_pool = await create_write_pool(settings, settings.create_groups_in_flight)
         change_pool = await create_write_pool(settings, settings.change_groups_in_flight)
-        creates = grouped_creates(create_pool, settings.create_groups_in_flight)
-        changes = grouped_changes(change_pool, settings)
-        sessionmaker = create_sessionmaker(
-            engine, info={GROUPED_CREATES: creates, GROUPED_CHANGES: changes}
+        write_groups = WriteGroups(
+            grouped_creates(create_pool, settings.create_groups_in_flight),
+            grouped_changes(change_pool, settings),
         )
+        sessionmaker = create_sessionmaker(engine)
         # Only the reply consumer's: its per-message access log at INFO would be noise. No
         # dependency injection: it handed every delivery to a worker thread and back (the
         # message's context field is a synchronous call), a tenth of Core's CPU on replies.
@@ -137,6 +137,7 @@ def create_app(settings: Settings) -> FastAPI:
         register_reply_consumer(broker, settings, sessionmaker)
         app.state.engine = engine
         app.state.sessionmaker = sessionmaker
+        app.state.write_groups = write_groups
         app.state.broker = broker
         tasks = [asyncio.create_task(connect_broker(broker, settings.rabbitmq_url), name="broker")]
         if not settings.outbox_relay_process:  # otherwise core/outbox/process.py runs it
@@ -165,6 +166,7 @@ def create_app(settings: Settings) -> FastAPI:
         openapi_url=None,
     )
     app.state.settings = settings
+    app.state.write_groups = None  # until the lifespan starts them
     app.add_middleware(BodySizeLimitMiddleware)
     app.add_middleware(QueryEncodingMiddleware)
     app.front = UserWritePath(app.serve, app.state)

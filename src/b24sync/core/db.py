@@ -96,11 +96,9 @@ def create_engine(settings: Settings) -> AsyncEngine:
     )
 
 
-def create_sessionmaker(
-    engine: AsyncEngine, info: dict[str, Any] | None = None
-) -> async_sessionmaker[AsyncSession]:
-    """Sessions for requests and consumers; `info` is handed to every session (`Session.info`)."""
-    return async_sessionmaker(engine, expire_on_commit=False, info=info)
+def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions for requests and consumers."""
+    return async_sessionmaker(engine, expire_on_commit=False)
 
 
 async def get_db_session(request: Request) -> AsyncIterator[AsyncSession]:
@@ -118,11 +116,11 @@ async def committing(
     sessionmaker: async_sessionmaker[AsyncSession],
 ) -> AsyncIterator[AsyncSession]:
     """A session whose transaction commits when the block exits without an error (an error
-    skips the commit; closing rolls back). A session that began none is not committed: a
-    grouped write went through a connection of its own, and beginning a transaction only to
-    commit it costs CPU. It is closed only while still in a transaction (after an error): a
-    committed session, or one that began none, holds no connection, and closing a session
-    costs a task (`AsyncSession` shields its close), about a tenth of a grouped write's CPU."""
+    skips the commit; closing rolls back). A session that began none (its route did not use
+    it) is not committed: beginning a transaction only to commit it costs CPU. It is closed
+    only while still in a transaction (after an error): a committed session, or one that
+    began none, holds no connection, and closing a session costs a task (`AsyncSession`
+    shields its close)."""
     session = sessionmaker()
     try:
         yield session

@@ -6,8 +6,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query, Response, status
 
-from b24sync.core.dependencies import SessionDep, SettingsDep
-from b24sync.core.models import SyncStatus
+from b24sync.core.dependencies import SessionDep, SettingsDep, WritesDep
+from b24sync.core.models import SyncStatus, User
 from b24sync.core.sync.service import resync_service
 from b24sync.core.users.schemas import (
     CREATE_EXAMPLE,
@@ -36,6 +36,12 @@ _BODY_ERRORS: dict[int | str, dict[str, Any]] = {
 _ERRORS: dict[int | str, dict[str, Any]] = {404: {"description": "No such user"}, **_BODY_ERRORS}
 
 
+def _user_response(user: User, status_code: int = status.HTTP_200_OK) -> Response:
+    """The user as `UserRead` reads it, serialised once: returning the model would have
+    FastAPI validate it again against response_model (which still documents the body)."""
+    return Response(UserRead.json_of(user), status_code=status_code, media_type="application/json")
+
+
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
@@ -44,7 +50,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {404: {"description": "No such user"}
     responses=_BODY_ERRORS,
 )
 async def create_user(
-    session: SessionDep,
+    writes: WritesDep,
     settings: SettingsDep,
     data: Annotated[
         UserCreate,
@@ -62,14 +68,8 @@ async def create_user(
         ),
     ],
 ) -> Response:
-    user = await user_service.create(session, settings, data)
-    # Serialised here, once: returning the model would have FastAPI validate it again against
-    # response_model (which still documents the body) before serialising it the same way.
-    return Response(
-        UserRead.from_user(user).model_dump_json(),
-        status_code=status.HTTP_201_CREATED,
-        media_type="application/json",
-    )
+    user = await user_service.create(writes, settings, data)
+    return _user_response(user, status.HTTP_201_CREATED)
 
 
 @router.get("", response_model=UserList, summary="List users")
@@ -125,7 +125,7 @@ async def user_history(
 )
 async def update_user(
     id: UserId,
-    session: SessionDep,
+    writes: WritesDep,
     settings: SettingsDep,
     data: Annotated[
         UserUpdate,
@@ -138,8 +138,8 @@ async def update_user(
             }
         ),
     ],
-) -> UserRead:
-    return UserRead.from_user(await user_service.update(session, settings, id, data))
+) -> Response:
+    return _user_response(await user_service.update(writes, settings, id, data))
 
 
 @router.post(
@@ -150,7 +150,7 @@ async def update_user(
 )
 async def move_user(
     id: UserId,
-    session: SessionDep,
+    writes: WritesDep,
     settings: SettingsDep,
     data: Annotated[
         UserMove,
@@ -163,8 +163,8 @@ async def move_user(
             }
         ),
     ],
-) -> UserRead:
-    return UserRead.from_user(await user_service.move(session, settings, id, data))
+) -> Response:
+    return _user_response(await user_service.move(writes, settings, id, data))
 
 
 @router.post(

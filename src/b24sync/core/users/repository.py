@@ -95,8 +95,6 @@ WITH input AS (
 SELECT new_users.* FROM new_users JOIN input USING (id) CROSS JOIN wake
 ORDER BY input.position
 """
-# Key of the app's create group in `Session.info` (see `grouped_creates`).
-GROUPED_CREATES = "grouped_creates"
 # Rows of one grouped statement: large enough for any burst, small enough for one round trip.
 MAX_GROUP = 100
 

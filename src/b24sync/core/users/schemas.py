@@ -13,6 +13,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    TypeAdapter,
     model_validator,
 )
 from pydantic.config import JsonDict
@@ -142,28 +143,43 @@ class UserRead(BaseModel):
 
     @classmethod
     def from_user(cls, user: User) -> UserRead:
-        return cls(
-            id=user.id,
-            full_name=user.full_name,
-            phone=user.phone,
-            stage=user.stage,
-            bitrix_lead_id=user.bitrix_lead_id,
-            version=user.version,
-            sync=SyncState(
-                status=SyncStatus(user.sync_status),
-                synced_version=user.synced_version,
-                error=user.sync_error,
-                error_code=user.sync_error_code,
-                retryable=user.sync_retryable,
-                attempts=user.sync_attempts,
-                retries=user.sync_retries,
-                next_retry_at=user.next_sync_at,
-                failed_at=user.sync_failed_at,
-                synced_at=user.synced_at,
-            ),
-            created_at=user.created_at,
-            updated_at=user.updated_at,
-        )
+        return cls.model_validate(_read_fields(user))
+
+    @staticmethod
+    def json_of(user: User) -> bytes:
+        """`from_user(user).model_dump_json()`, encoded, at half the cost: a user Core wrote
+        needs no validation on its way out (a write's answer, on Core's hottest path)."""
+        return _AS_JSON.dump_json(_read_fields(user))
+
+
+# Dumps each value as pydantic dumps its type, datetimes included, as `UserRead` does.
+_AS_JSON: TypeAdapter[Any] = TypeAdapter(Any)
+
+
+def _read_fields(user: User) -> dict[str, Any]:
+    """The user's fields in `UserRead`'s layout."""
+    return {
+        "id": user.id,
+        "full_name": user.full_name,
+        "phone": user.phone,
+        "stage": user.stage,
+        "bitrix_lead_id": user.bitrix_lead_id,
+        "version": user.version,
+        "sync": {
+            "status": user.sync_status,
+            "synced_version": user.synced_version,
+            "error": user.sync_error,
+            "error_code": user.sync_error_code,
+            "retryable": user.sync_retryable,
+            "attempts": user.sync_attempts,
+            "retries": user.sync_retries,
+            "next_retry_at": user.next_sync_at,
+            "failed_at": user.sync_failed_at,
+            "synced_at": user.synced_at,
+        },
+        "created_at": user.created_at,
+        "updated_at": user.updated_at,
+    }
 
 
 class Pagination(BaseModel):

@@ -1,8 +1,8 @@
-"""The rules of the users API. Never commits: the request's session does, so the change and
-its outbox event land in one transaction (a create is a single statement that writes both, see
-`UserRepository.create_many`, and so is the write of a group of changes, see
-`apply_changes`); the app's groups of creates and of changes run on connections of their own,
-each statement a transaction (`grouped_creates`, `grouped_changes`)."""
+"""The rules of the users API. Never commits: a write goes either to a session, whose owner
+commits it, so the change and its outbox event land in one transaction (a create is a single
+statement that writes both, see `UserRepository.create_many`, and so is the write of a group of
+changes, see `apply_changes`); or to the app's groups of creates and of changes (`WriteGroups`),
+which run on connections of their own, each statement a transaction."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from b24sync.core.outbox import repository as outbox_repository
 from b24sync.core.outbox.service import EventDraft, NewUserState, outbox_service
 from b24sync.core.users.repository import (
     FRESH_SYNC_STATE,
-    GROUPED_CREATES,
     MAX_GROUP,
     NewUser,
     UserRepository,
@@ -36,8 +35,6 @@ from b24sync.core.users.schemas import UserCreate, UserMove, UserUpdate
 from b24sync.settings import Settings
 
 DEFAULT_STAGE = "NEW"
-# Key of the app's group of updates and moves in `Session.info` (see `grouped_changes`).
-GROUPED_CHANGES = "grouped_changes"
 # Statements of a group of changes before the users changed meanwhile are locked
 # (`apply_changes`): the read of a user not known, its write, and one more after a miss.
 OPTIMISTIC_ROUNDS = 3
@@ -67,16 +64,26 @@ def check_stage(stage: str, settings: Settings) -> str:
     return stage
 
 
+@dataclass(frozen=True, slots=True)
+class WriteGroups:
+    """The app's groups of writes from concurrent requests: creates (`grouped_creates`), and
+    updates and moves (`grouped_changes`). A write given to them needs no session: its group's
+    statement commits by itself, on a connection of the group's own."""
+
+    creates: Coalescer[NewUser, User]
+    changes: Coalescer[UserChange, User | None]
+
+
+# Where a write goes: the app's groups, or a session's transaction (an import, a test).
+WriteTarget = AsyncSession | WriteGroups
+
+
 class UserService:
-    async def create(self, session: AsyncSession, settings: Settings, data: UserCreate) -> User:
-        """With the app's create group in the session (`grouped_creates`), the statement is
-        shared with concurrent creates and commits by itself; otherwise it runs in the
-        session's transaction."""
+    async def create(self, writes: WriteTarget, settings: Settings, data: UserCreate) -> User:
         new = self.new_user(settings, data)
-        group: Coalescer[NewUser, User] | None = session.info.get(GROUPED_CREATES)
-        if group is not None:
-            return await group.submit(new)
-        (user,) = await UserRepository(session).create_many([new])
+        if isinstance(writes, WriteGroups):
+            return await writes.creates.submit(new)
+        (user,) = await UserRepository(writes).create_many([new])
         return user
 
     async def create_many(self, session: AsyncSession, users: Sequence[NewUser]) -> list[User]:
@@ -125,7 +132,7 @@ class UserService:
         return await outbox_repository.history(session, user_id, limit)
 
     async def update(
-        self, session: AsyncSession, settings: Settings, user_id: int, data: UserUpdate
+        self, writes: WriteTarget, settings: Settings, user_id: int, data: UserUpdate
     ) -> User:
         changes: dict[str, Any] = {}
         if data.full_name is not None:
@@ -134,30 +141,29 @@ class UserService:
             changes["phone"] = normalize_phone(data.phone, settings.default_phone_region)
         if data.stage is not None:
             changes["stage"] = check_stage(data.stage, settings)
-        return await self._apply(session, settings, user_id, changes, Pattern.USER_UPDATED)
+        return await self._apply(writes, settings, user_id, changes, Pattern.USER_UPDATED)
 
     async def move(
-        self, session: AsyncSession, settings: Settings, user_id: int, data: UserMove
+        self, writes: WriteTarget, settings: Settings, user_id: int, data: UserMove
     ) -> User:
         changes = {"stage": check_stage(data.stage, settings)}
-        return await self._apply(session, settings, user_id, changes, Pattern.USER_MOVED)
+        return await self._apply(writes, settings, user_id, changes, Pattern.USER_MOVED)
 
     async def _apply(
         self,
-        session: AsyncSession,
+        writes: WriteTarget,
         settings: Settings,
         user_id: int,
         values: dict[str, Any],
         pattern: Pattern,
     ) -> User:
-        if not values:
-            return await self.get(session, user_id)
+        """A change with no values (an empty update) changes nothing and answers the user as
+        it is, as any change to the values the user already has."""
         change = UserChange(user_id, values, pattern)
-        group: Coalescer[UserChange, User | None] | None = session.info.get(GROUPED_CHANGES)
-        if group is not None:
-            user = await group.submit(change)
+        if isinstance(writes, WriteGroups):
+            user = await writes.changes.submit(change)
         else:
-            (user,) = await self.apply_changes(InSession(session), settings, [change])
+            (user,) = await self.apply_changes(InSession(writes), settings, [change])
         if user is None:
             raise UserNotFoundError(user_id)
         return user
