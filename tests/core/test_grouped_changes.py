@@ -455,3 +455,45 @@ def test_recent_rows_keep_the_newest_up_to_their_size_and_age() -> None:
     aged = RecentRows(size=2, max_age_s=0.0)
     aged.put({1: {"id": 1}})
     assert aged.get([1]) == {}
+
+
+async def test_the_groups_plan_each_statement_once_per_connection_looking_users_up_by_key(
+    core_settings: Settings, write_pool: asyncpg.Pool, committed: Sessions
+) -> None:
+    """PostgreSQL's generic plan, made at a connection's first run of a statement, while the
+    users table is nearly empty, and used for every run after it: never planned again per run,
+    never a scan of the whole table."""
+    groups = grouped_writes(write_pool, core_settings, in_flight=1)
+    users = [await create_user(groups, core_settings, f"User {n}") for n in range(3)]
+    for n in range(9):
+        await update(groups, core_settings, users[n % 3].id, full_name=f"Renamed {n}")
+
+    connections = [await write_pool.acquire() for _ in range(write_pool.get_max_size())]
+    try:
+        plans: dict[str, tuple[int, int, str]] = {}
+        for connection in connections:
+            for prepared in await connection.fetch(
+                "SELECT name, statement, parameter_types, generic_plans, custom_plans"
+                " FROM pg_prepared_statements WHERE statement LIKE $1 AND statement NOT LIKE $2",
+                "%INSERT INTO outbox_events%",
+                "%pg_prepared_statements%",  # this very query
+            ):
+                nulls = ", ".join(["NULL"] * len(prepared["parameter_types"]))
+                plan = await connection.fetch(f"EXPLAIN EXECUTE {prepared['name']}({nulls})")
+                kind = "change" if "UPDATE users" in prepared["statement"] else "create"
+                plans[kind] = (
+                    prepared["generic_plans"],
+                    prepared["custom_plans"],
+                    "\n".join(line[0] for line in plan),
+                )
+    finally:
+        for connection in connections:
+            await write_pool.release(connection)
+
+    assert set(plans) == {"create", "change"}
+    assert plans["create"][:2] == (3, 0)
+    # A user not known yet is read by a first run, then written by a second.
+    assert plans["change"][:2] == (9 + len(users), 0)
+    assert "users_pkey" in plans["change"][2]
+    for _, _, plan in plans.values():
+        assert "Seq Scan" not in plan, plan
