@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from b24sync.core.app import create_app
 from b24sync.core.models import SyncStatus, User
+from b24sync.core.users.repository import FRESH_SYNC_STATE
 from b24sync.core.users.schemas import CREATE_EXAMPLE, UserRead
 from b24sync.core.users.write_path import CREATE, MOVE, UPDATE, UserWritePath, route
 from b24sync.settings import Settings
@@ -242,12 +243,7 @@ def _user(**fields: Any) -> User:
         "version": 1,
         "sync_status": SyncStatus.PENDING.value,
         "synced_version": None,
-        "sync_error": None,
-        "sync_error_code": None,
-        "sync_retryable": None,
-        "sync_attempts": 0,
-        "sync_retries": 0,
-        "next_sync_at": None,
+        **FRESH_SYNC_STATE,
         "sync_failed_at": None,
         "synced_at": None,
         "created_at": now,

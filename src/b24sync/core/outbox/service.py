@@ -72,6 +72,18 @@ def changed_fields(user: UserState, *, force: bool = False) -> list[UserField]:
     ]
 
 
+def user_fields(user: UserState) -> dict[str, Any]:
+    """The user's own fields, as an event carries them and as the API answers them."""
+    return {
+        "id": user.id,
+        "full_name": user.full_name,
+        "phone": user.phone,
+        "stage": user.stage,
+        "bitrix_lead_id": user.bitrix_lead_id,
+        "version": user.version,
+    }
+
+
 def build_event(
     user: UserState, pattern: Pattern, reply_queue: str, *, force: bool = False
 ) -> dict[str, Any]:
@@ -80,14 +92,7 @@ def build_event(
     return event_body(
         pattern.value,
         ACTION_BY_PATTERN[pattern].value,
-        {
-            "id": user.id,
-            "full_name": user.full_name,
-            "phone": user.phone,
-            "stage": user.stage,
-            "bitrix_lead_id": user.bitrix_lead_id,
-            "version": user.version,
-        },
+        user_fields(user),
         reply_queue,
         [field.value for field in changed_fields(user, force=force)],
         force=force,

@@ -19,6 +19,7 @@ from pydantic import (
 from pydantic.config import JsonDict
 
 from b24sync.core.models import OutboxEvent, SyncStatus, User
+from b24sync.core.outbox.service import user_fields
 
 # Unicode's control characters (category Cc). NUL cannot be stored by PostgreSQL at all; tabs,
 # newlines and the like have no place in a name, a phone or a stage, and would reach the lead.
@@ -159,12 +160,7 @@ _AS_JSON: TypeAdapter[Any] = TypeAdapter(Any)
 def _read_fields(user: User) -> dict[str, Any]:
     """The user's fields in `UserRead`'s layout."""
     return {
-        "id": user.id,
-        "full_name": user.full_name,
-        "phone": user.phone,
-        "stage": user.stage,
-        "bitrix_lead_id": user.bitrix_lead_id,
-        "version": user.version,
+        **user_fields(user),
         "sync": {
             "status": user.sync_status,
             "synced_version": user.synced_version,
