@@ -206,9 +206,9 @@ async def _keep_connection(_: asyncpg.Connection) -> None:
 # The groups' statements, prepared once per connection, are planned once per connection too.
 # PostgreSQL's default planned them again at every run (a group of two or three looks cheaper
 # to its custom plan than to the generic plan's guess of ten rows), and planning a change
-# statement cost more than running it. Sequential scans off,
-# a generic plan made while the users table is nearly empty (a new database) still looks each
-# user up by its key, as every statement of the groups does, whatever the table grows to.
+# statement cost more than running it. Sequential scans off, a generic plan made while the
+# users table is nearly empty (a new database) still looks each user up by its key, as every
+# statement of the groups does, whatever the table grows to.
 _WRITE_SETTINGS = {"plan_cache_mode": "force_generic_plan", "enable_seqscan": "off"}
 
 
