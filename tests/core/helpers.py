@@ -25,7 +25,7 @@ from b24sync.core.outbox.service import EventDraft, UserState, outbox_service
 from b24sync.core.sync.service import Outcome, reply_service
 from b24sync.core.users.repository import grouped_creates
 from b24sync.core.users.schemas import UserCreate, UserMove, UserUpdate
-from b24sync.core.users.service import WriteGroups, grouped_changes, user_service
+from b24sync.core.users.service import WriteGroups, WriteTarget, grouped_changes, user_service
 from b24sync.settings import Settings
 from tests.core.rabbit import TcpProxy
 
@@ -38,32 +38,45 @@ def grouped_writes(pool: asyncpg.Pool, settings: Settings, in_flight: int) -> Wr
     return WriteGroups(grouped_creates(pool, in_flight), grouped_changes(pool, settings))
 
 
+async def _committed(
+    writes: Sessions | WriteGroups, write: Callable[[WriteTarget], Awaitable[User]]
+) -> User:
+    """`write` done through the app's groups, or in a session of its own, committed."""
+    if isinstance(writes, WriteGroups):
+        return await write(writes)
+    async with writes() as session, session.begin():
+        return await write(session)
+
+
 async def create_user(
     writes: Sessions | WriteGroups, settings: Settings, name: str = "Иван Иванов"
 ) -> User:
-    """A user created through the app's groups, or in a session of its own, committed."""
     data = UserCreate(full_name=name, phone="+77001112233", stage="NEW")
-    if isinstance(writes, WriteGroups):
-        return await user_service.create(writes, settings, data)
-    async with writes() as session, session.begin():
-        return await user_service.create(session, settings, data)
+    return await _committed(writes, lambda target: user_service.create(target, settings, data))
 
 
-async def change_user(sessions: Sessions, settings: Settings, user_id: int, **fields: str) -> User:
-    async with sessions() as session, session.begin():
-        return await user_service.update(session, settings, user_id, UserUpdate(**fields))
+async def change_user(
+    writes: Sessions | WriteGroups, settings: Settings, user_id: int, **fields: str
+) -> User:
+    data = UserUpdate(**fields)
+    return await _committed(
+        writes, lambda target: user_service.update(target, settings, user_id, data)
+    )
 
 
-async def rename_user(sessions: Sessions, settings: Settings, user_id: int, name: str) -> User:
-    async with sessions() as session, session.begin():
-        data = UserUpdate(full_name=name)
-        return await user_service.update(session, settings, user_id, data)
+async def rename_user(
+    writes: Sessions | WriteGroups, settings: Settings, user_id: int, name: str
+) -> User:
+    return await change_user(writes, settings, user_id, full_name=name)
 
 
-async def move_user(sessions: Sessions, settings: Settings, user_id: int, stage: str) -> User:
-    async with sessions() as session, session.begin():
-        data = UserMove(stage=stage)
-        return await user_service.move(session, settings, user_id, data)
+async def move_user(
+    writes: Sessions | WriteGroups, settings: Settings, user_id: int, stage: str
+) -> User:
+    data = UserMove(stage=stage)
+    return await _committed(
+        writes, lambda target: user_service.move(target, settings, user_id, data)
+    )
 
 
 async def unpublished(sessions: Sessions) -> int:

@@ -19,36 +19,28 @@ from sqlalchemy import Executable, text
 from b24sync.contracts import Pattern
 from b24sync.core.db import OnDriver
 from b24sync.core.models import SyncStatus, User
-from b24sync.core.users.schemas import UserMove, UserUpdate
 from b24sync.core.users.service import (
     OPTIMISTIC_ROUNDS,
     RecentRows,
     UserChange,
     UserNotFoundError,
-    WriteGroups,
     user_service,
 )
 from b24sync.settings import Settings
 from tests.core.helpers import (
     Sessions,
     StoredEvent,
+    change_user,
     clash_events_of,
     create_user,
     event_ids,
     events_of,
     first_answer_after_503s,
     grouped_writes,
+    move_user,
     proxied_database,
     running_core,
 )
-
-
-async def update(groups: WriteGroups, settings: Settings, user_id: int, **fields: Any) -> User:
-    return await user_service.update(groups, settings, user_id, UserUpdate(**fields))
-
-
-async def move(groups: WriteGroups, settings: Settings, user_id: int, stage: str) -> User:
-    return await user_service.move(groups, settings, user_id, UserMove(stage=stage))
 
 
 async def user_events(sessions: Sessions, user_id: int) -> list[StoredEvent]:
@@ -64,9 +56,9 @@ async def test_concurrent_changes_are_applied_together_each_with_its_own_event(
 
     changed = await asyncio.gather(
         *(
-            update(groups, core_settings, user.id, full_name=f"Renamed {n}")
+            change_user(groups, core_settings, user.id, full_name=f"Renamed {n}")
             if n % 2
-            else move(groups, core_settings, user.id, "IN_PROCESS")
+            else move_user(groups, core_settings, user.id, "IN_PROCESS")
             for n, user in enumerate(users)
         )
     )
@@ -103,12 +95,12 @@ async def test_a_user_changed_several_times_in_one_group_changes_in_order(
 
     # The first goes alone; the rest wait for it and go together.
     results = await asyncio.gather(
-        update(groups, core_settings, other.id, full_name="Other renamed"),
-        update(groups, core_settings, user.id, full_name="Often 1"),
-        update(groups, core_settings, user.id, phone="+77009998877"),
-        move(groups, core_settings, user.id, "CONVERTED"),
-        update(groups, core_settings, user.id, full_name="Often 1"),  # changes nothing
-        update(groups, core_settings, user.id, full_name="Often 2"),
+        change_user(groups, core_settings, other.id, full_name="Other renamed"),
+        change_user(groups, core_settings, user.id, full_name="Often 1"),
+        change_user(groups, core_settings, user.id, phone="+77009998877"),
+        move_user(groups, core_settings, user.id, "CONVERTED"),
+        change_user(groups, core_settings, user.id, full_name="Often 1"),  # changes nothing
+        change_user(groups, core_settings, user.id, full_name="Often 2"),
     )
 
     # The change that changes nothing answers with the user as it is once the group is in.
@@ -149,9 +141,9 @@ async def test_an_unknown_user_fails_only_its_own_change(
     missing = users[-1].id + 1000
 
     results = await asyncio.gather(
-        *(move(groups, core_settings, user.id, "IN_PROCESS") for user in users[:2]),
-        move(groups, core_settings, missing, "IN_PROCESS"),
-        *(move(groups, core_settings, user.id, "IN_PROCESS") for user in users[2:]),
+        *(move_user(groups, core_settings, user.id, "IN_PROCESS") for user in users[:2]),
+        move_user(groups, core_settings, missing, "IN_PROCESS"),
+        *(move_user(groups, core_settings, user.id, "IN_PROCESS") for user in users[2:]),
         return_exceptions=True,
     )
 
@@ -174,7 +166,7 @@ async def test_a_change_the_database_refuses_fails_only_its_own_request(
     names = ["First", "Second", "Bad", "Third", "Fourth"]
     results = await asyncio.gather(
         *(
-            update(groups, core_settings, user.id, full_name=name)
+            change_user(groups, core_settings, user.id, full_name=name)
             for user, name in zip(users, names, strict=True)
         ),
         return_exceptions=True,
@@ -205,10 +197,10 @@ async def test_in_hold_mode_a_change_after_a_failed_create_goes_as_a_create(
     groups = grouped_writes(write_pool, settings, in_flight=1)
 
     await asyncio.gather(
-        move(groups, settings, fine.id, "IN_PROCESS"),  # alone, first
-        move(groups, settings, fine.id, "CONVERTED"),
-        update(groups, settings, failed.id, full_name="Failed again"),
-        move(groups, settings, failed.id, "CONVERTED"),
+        move_user(groups, settings, fine.id, "IN_PROCESS"),  # alone, first
+        move_user(groups, settings, fine.id, "CONVERTED"),
+        change_user(groups, settings, failed.id, full_name="Failed again"),
+        move_user(groups, settings, failed.id, "CONVERTED"),
     )
 
     failed_events = await user_events(committed, failed.id)
@@ -466,7 +458,7 @@ async def test_the_groups_plan_each_statement_once_per_connection_looking_users_
     groups = grouped_writes(write_pool, core_settings, in_flight=1)
     users = [await create_user(groups, core_settings, f"User {n}") for n in range(3)]
     for n in range(9):
-        await update(groups, core_settings, users[n % 3].id, full_name=f"Renamed {n}")
+        await change_user(groups, core_settings, users[n % 3].id, full_name=f"Renamed {n}")
 
     connections = [await write_pool.acquire() for _ in range(write_pool.get_max_size())]
     try:
